@@ -1,0 +1,226 @@
+"""ModelHandle: a Hugging Face causal LM with its tokenizer, adapter and fingerprint.
+
+    handle = load_model("organism:facts-gpt2")         # or "gpt2-xl", or a local directory
+    handle.n_layers, handle.d_model, handle.d_ff
+    logits = handle.logits(["The Eiffel Tower is in"])  # (B, T, vocab)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+from memlens.arch import ArchAdapter, adapter_for
+from memlens.errors import HubUnreachable, ModelNotFound
+from memlens.tokens import Batch, encode
+
+ORGANISM_PREFIX = "organism:"
+
+
+@dataclass
+class ModelHandle:
+    """A loaded model and everything memlens needs to know about it."""
+
+    model: nn.Module
+    tokenizer: Any
+    arch: ArchAdapter
+    ref: str  # what the user asked for: hub id, directory or organism:NAME
+    source_dir: Path | None = None  # directory the weights came from, if local
+    _fingerprint: str | None = field(default=None, repr=False)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def n_layers(self) -> int:
+        return self.arch.n_layers
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.config.num_attention_heads)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.config.hidden_size)
+
+    @property
+    def d_ff(self) -> int:
+        return int(self.arch.get_edit_weight(self.model, 0).shape[1])
+
+    @property
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def max_length(self) -> int | None:
+        for key in ("n_positions", "max_position_embeddings"):
+            value = getattr(self.config, key, None)
+            if isinstance(value, int):
+                return value
+        return None
+
+    def fingerprint(self, *, refresh: bool = False) -> str:
+        """A stable hash of the current weights (names, shapes, dtypes, bytes) for cache keys.
+
+        Cached after the first call; pass ``refresh=True`` after changing weights by hand
+        (memlens' own editors refresh it for you).
+        """
+        if self._fingerprint is None or refresh:
+            self._fingerprint = weights_fingerprint(self.model)
+        return self._fingerprint
+
+    def encode(self, prompts: list[str]) -> Batch:
+        """Right-padded token batch of ``prompts`` on the model's device."""
+        return encode(self.tokenizer, prompts, max_length=self.max_length).to(self.device)
+
+    @torch.no_grad()
+    def logits(self, prompts: list[str]) -> torch.Tensor:
+        """Logits (B, T, vocab) of right-padded ``prompts``."""
+        batch = self.encode(prompts)
+        return self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+
+    def info(self) -> dict[str, Any]:
+        """Summary used by ``memlens info``."""
+        return {
+            "ref": self.ref,
+            "model_type": self.arch.model_type,
+            "n_layers": self.n_layers,
+            "n_heads": self.n_heads,
+            "d_model": self.d_model,
+            "d_ff": self.d_ff,
+            "n_params": self.n_params,
+            "vocab_size": int(self.config.vocab_size),
+            "edit_module_template": self.arch.edit_module_template(),
+            "edit_matrix_layout": "transposed (Conv1D: d_ff x d_model)"
+            if self.arch.spec.mlp_out_transposed else "Linear (d_model x d_ff)",
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": str(self.device),
+        }
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """SHA-256 over every parameter and buffer (name, shape, dtype, raw bytes), first 16 hex."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def load_model(
+    ref: str,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    *,
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+) -> ModelHandle:
+    """Load a causal LM by hub id, local directory or ``organism:NAME``.
+
+    ``device="auto"`` spreads a large model over the available GPUs (accelerate's
+    ``device_map``); ``None`` picks CUDA when present, else CPU. Use
+    ``attn_implementation="eager"`` when attention weights are needed (sdpa returns none).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = _resolve_source(ref)
+    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if torch_dtype is not None:
+        kwargs["dtype"] = torch_dtype
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    if device == "auto":
+        kwargs["device_map"] = "auto"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as exc:
+        raise ModelNotFound(f"could not load model {ref!r}: {_first_line(exc)}") from None
+    _reapply_extensions(model)
+    if device != "auto":
+        target = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model.to(target)
+    model.eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    local = Path(source) if Path(source).is_dir() else None
+    return ModelHandle(model=model, tokenizer=tokenizer, arch=adapter_for(model), ref=ref,
+                       source_dir=local)
+
+
+def _reapply_extensions(model: nn.Module) -> None:
+    """Re-install memlens modules recorded in the saved config (e.g. TopK activations)."""
+    if getattr(model.config, "topk", None):
+        from memlens.topk import apply_topk_from_config
+
+        apply_topk_from_config(model)
+
+
+def _resolve_source(ref: str) -> str:
+    """Map a reference to something ``from_pretrained`` accepts, failing fast and clearly."""
+    if not ref or not ref.strip():
+        raise ModelNotFound("the model reference is empty: give a hub id, a directory or "
+                            "organism:NAME")
+    if ref.startswith(ORGANISM_PREFIX):
+        from memlens.organisms.registry import ensure
+
+        return str(ensure(ref.removeprefix(ORGANISM_PREFIX)))
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelNotFound(f"directory {str(path)!r} has no config.json: not a HF model")
+        return str(path)
+    if path.exists() or ref.startswith((".", "/", "~")):
+        raise ModelNotFound(f"{ref!r} is not a model directory")
+    if _in_hub_cache(ref):
+        return ref
+    if os.environ.get("HF_HUB_OFFLINE") or not _hub_reachable():
+        raise HubUnreachable(
+            f"cannot download {ref!r}: the Hugging Face hub is unreachable from here and the model "
+            "is not in the local cache; pass a local directory (--model path/to/model) or a "
+            "model organism (--model organism:facts-gpt2)."
+        )
+    return ref
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # noqa: BLE001 - an invalid repo id is simply not cached
+        return False
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

