@@ -106,6 +106,17 @@ def demo(out: OutOpt = Path("memlens-report")):
     console.print(f"[bold green]report:[/] {index}")
 
 
+@app.command()
+def report(directory: Annotated[Path, typer.Argument(help="A directory written by memlens demo.")]):
+    """Rebuild the HTML report and summary.json from saved results, without recomputing."""
+    from memlens.report.html import build_report
+
+    if not directory.is_dir():
+        raise MemlensError(f"{directory} is not a directory of saved results")
+    index = build_report(directory)
+    console.print(f"[bold green]report:[/] {index}")
+
+
 def main() -> None:
     """Console-script entry point: run the app, turning memlens errors into one-line messages."""
     try:

@@ -1,0 +1,78 @@
+"""The HTML report: built from saved sections, self-contained, and rendered by a real browser."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from memlens.report.browser import find_chromium, render_dom
+from memlens.report.html import Section, Table, build_report
+
+
+def _ensure_chromium() -> str | None:
+    """Chromium's path, installing Debian's package when absent and we are root (CI)."""
+    if find_chromium() is None and shutil.which("apt-get") and os.geteuid() == 0:
+        subprocess.run("apt-get update -qq && apt-get install -y -qq chromium", shell=True,
+                       capture_output=True, timeout=900, check=False)
+    return find_chromium()
+
+
+@pytest.fixture
+def report_dir(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for key, order in (("trace", 1), ("rome", 2)):
+        directory = tmp_path / key
+        directory.mkdir()
+        fig, ax = plt.subplots(figsize=(3, 2))
+        ax.plot([0, 1, 2], [order, 2, 0])
+        fig.savefig(directory / "curve.png")
+        fig.savefig(directory / "curve.svg")
+        plt.close(fig)
+        Section(key=key, title=f"Section {key}", command=f"memlens {key} --model organism:tiny",
+                model="organism:tiny", order=order, seconds=1.5, hparams={"samples": 10},
+                summary={"score": 0.5 * order}, text="What it shows.",
+                figures=["curve.png", "curve.svg"],
+                tables=[Table("numbers", ["a", "b"], [[1, 2.0]])]).save(directory)
+    return tmp_path
+
+
+def test_report_is_self_contained(report_dir):
+    index = build_report(report_dir)
+    page = index.read_text()
+    assert page.count('class="report-section') == 2
+    assert page.index('id="trace"') < page.index('id="rome"')
+    assert "data:image/png;base64," in page and "<svg" in page
+    assert not re.search(r'(src|href)="(?!data:|#)', page), "report links an external resource"
+    summary = json.loads((report_dir / "summary.json").read_text())
+    assert summary["rome"]["score"] == 1.0 and summary["trace"]["command"].startswith("memlens")
+
+
+def test_report_renders_in_headless_chromium(report_dir):
+    if _ensure_chromium() is None:
+        pytest.skip("Chromium is not installed and could not be installed (needs root + apt)")
+    index = build_report(report_dir)
+    dom = render_dom(index)
+    assert 'data-ready="yes"' in dom, "the page's load handler did not run"
+    sections = re.findall(r'<section id="(\w+)"', dom)
+    assert sections == ["trace", "rome"]
+    rendered = re.findall(r'data-rendered="(\w+)"', dom)
+    assert rendered == ["yes"] * 4, rendered
+
+
+def test_cli_report_rebuilds(report_dir):
+    from typer.testing import CliRunner
+
+    from memlens.cli import app
+
+    result = CliRunner().invoke(app, ["report", str(report_dir)])
+    assert result.exit_code == 0, result.output
+    assert (report_dir / "index.html").exists()
