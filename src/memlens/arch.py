@@ -198,6 +198,44 @@ class ArchAdapter:
         with torch.no_grad():
             weight.copy_(value.to(dtype=weight.dtype, device=weight.device))
 
+    def n_kv_heads(self, model: nn.Module) -> int:
+        """Number of key/value heads (fewer than query heads under grouped-query attention)."""
+        config = model.config
+        return int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+
+    def attn_head_view(
+        self, model: nn.Module, layer: int, which: Literal["q", "k", "v", "o"],
+        tensor: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Projection ``which`` of ``layer`` split by head, as (n_heads, d_head, d_model).
+
+        For q/k/v, row ``[h, i]`` is the weight vector that produces feature i of head h from
+        the residual stream; for o, ``[h, i]`` is the column that writes feature i of head h back.
+        ``tensor`` is a tensor shaped like the stored weight (e.g. its ``.grad``); by default the
+        weight itself. The result is a view where the layout allows, so writes go through.
+        Fused layouts are handled here: GPT-2's Conv1D ``c_attn`` ([q | k | v] along its
+        columns) and NeoX's ``query_key_value`` (per head [q, k, v] along its rows).
+        """
+        n_heads = int(model.config.num_attention_heads)
+        heads = n_heads if which in ("q", "o") else self.n_kv_heads(model)
+        if which != "o" and self.spec.qkv is not None:
+            module = model.get_submodule(self.module_name(layer, "qkv"))
+            t = module.weight if tensor is None else tensor
+            index = "qkv".index(which)
+            if self.spec.mlp_out_transposed:  # GPT-2 Conv1D: (d_model, 3 * d_model)
+                d_model = t.shape[0]
+                part = t[:, index * d_model:(index + 1) * d_model]
+                return part.T.reshape(n_heads, d_model // n_heads, d_model)
+            d_model = t.shape[1]  # NeoX Linear: (3 * d_model, d_model), rows (head, qkv, d_head)
+            return t.view(n_heads, 3, d_model // n_heads, d_model)[:, index]
+        module = model.get_submodule(self.module_name(layer, which))
+        t = module.weight if tensor is None else tensor
+        if which == "o":
+            if self.spec.mlp_out_transposed:  # Conv1D c_proj: (n_heads * d_head, d_model)
+                return t.view(heads, t.shape[0] // heads, t.shape[1])
+            return t.T.reshape(heads, t.shape[1] // heads, t.shape[0])  # Linear: (d_model, H*dh)
+        return t.view(heads, t.shape[0] // heads, t.shape[1])  # Linear: (heads * d_head, d_model)
+
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.spec.blocks)
 
