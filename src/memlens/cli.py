@@ -86,12 +86,466 @@ memorization_app = typer.Typer(help="Find, localize, unlearn and edit memorized 
                                no_args_is_help=True)
 app.add_typer(memorization_app, name="memorization")
 
+CorpusOpt = Annotated[str | None, typer.Option(
+    "--corpus", "-c", help="Paragraphs: .jsonl (text or token_ids), .txt (blank-line separated), "
+    "hf:NAME[:CONFIG[:SPLIT]]; default: the organism's paragraphs.jsonl.")]
+PrefixOpt = Annotated[int, typer.Option("--prefix-len", help="Prompt tokens (paper: 50).")]
+SuffixOpt = Annotated[int, typer.Option("--suffix-len", help="Tokens to reproduce (paper: 50).")]
+MpOpt = Annotated[int | None, typer.Option("--mp-min-em",
+                                           help="EM ≥ this is memorized (default: suffix).")]
+NmpOpt = Annotated[int, typer.Option("--nmp-max-em", help="EM ≤ this is non-memorized.")]
+LimitOpt = Annotated[int | None, typer.Option("--limit", help="Use the first N paragraphs.")]
+MaxOpt = Annotated[int, typer.Option("--max-paragraphs",
+                                     help="MP (and NMP) paragraphs used beyond the scan.")]
+LrOpt = Annotated[float, typer.Option("--lr", help="Adam learning rate (paper: 1e-5; tiny "
+                                      "organisms need ~1e-3).")]
+StepsOpt = Annotated[int, typer.Option("--steps", help="Optimizer steps (reference: 5).")]
+FracOpt = Annotated[float, typer.Option("--fraction", help="Share of weights in the mask.")]
+WdOpt = Annotated[float, typer.Option("--weight-decay", help="L2 weight decay (paper: 1.0).")]
+SaveOpt = Annotated[Path | None, typer.Option(
+    "--save", help="Apply the sparse update and save the edited model to this NEW directory.")]
+
+
+def _memorization_inputs(model, corpus, prefix_len, suffix_len, limit, device, out, **settings):
+    """Load the model and paragraphs; build the pipeline settings."""
+    from memlens.memorization.data import load_paragraphs
+    from memlens.memorization.pipeline import Settings
+    from memlens.model import load_model
+
+    handle = load_model(model, device=device)
+    paragraphs = load_paragraphs(handle, corpus, prefix_len=prefix_len, suffix_len=suffix_len,
+                                 limit=limit)
+    out.mkdir(parents=True, exist_ok=True)
+    return handle, paragraphs, Settings(prefix_len=prefix_len, **settings)
+
+
+def _memorization_done(data: dict, out: Path, as_json: bool, title: str) -> None:
+    if as_json:
+        print_json(data)
+        return
+    console.print(f"[bold]{title}[/]")
+    for key, value in data.items():
+        console.print(f"  {key}: {value}")
+    console.print(f"[green]results and figures:[/] {out}")
+
+
+@memorization_app.command("scan")
+def memorization_scan(
+    model: ModelOpt = "organism:facts-neo", corpus: CorpusOpt = None,
+    out: OutOpt = Path("memorization"), as_json: JsonOpt = False, device: DeviceOpt = None,
+    prefix_len: PrefixOpt = 50, suffix_len: SuffixOpt = 50, mp_min_em: MpOpt = None,
+    nmp_max_em: NmpOpt = 10, limit: LimitOpt = None,
+):
+    """Greedy exact match and suffix NLL of every paragraph; MP / NMP counts by repeats."""
+    from memlens.memorization.pipeline import run_scan
+
+    handle, paragraphs, s = _memorization_inputs(
+        model, corpus, prefix_len, suffix_len, limit, device, out, mp_min_em=mp_min_em,
+        nmp_max_em=nmp_max_em, progress=not as_json)
+    result = run_scan(handle, paragraphs, out, s)
+    if as_json:
+        print_json(result.to_dict())
+        return
+    from rich.table import Table
+
+    table = Table(title=f"memorization scan: {model} ({len(paragraphs)} paragraphs)")
+    for column in ("repeats", "n", "MP", "NMP", "between", "mean_em", "mean_nll"):
+        table.add_column(column, justify="right")
+    for row in result.table():
+        table.add_row(*(str(row[c]) for c in ("repeats", "n", "MP", "NMP", "between",
+                                                "mean_em", "mean_nll")))
+    console.print(table)
+    console.print(f"[green]results and figures:[/] {out}")
+
+
+@memorization_app.command("perturb")
+def memorization_perturb(
+    model: ModelOpt = "organism:facts-neo", corpus: CorpusOpt = None,
+    out: OutOpt = Path("memorization"), as_json: JsonOpt = False, device: DeviceOpt = None,
+    prefix_len: PrefixOpt = 50, suffix_len: SuffixOpt = 50, mp_min_em: MpOpt = None,
+    nmp_max_em: NmpOpt = 10, limit: LimitOpt = None, max_paragraphs: MaxOpt = 32,
+    mode: Annotated[str, typer.Option("--mode", help="model (2nd/1st choice) or random.")] = "model",
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+):
+    """Swap each prefix token of the memorized paragraphs; EM/NLL drop per position; PMPs."""
+    from memlens.memorization.pipeline import run_perturb
+
+    handle, paragraphs, s = _memorization_inputs(
+        model, corpus, prefix_len, suffix_len, limit, device, out, mp_min_em=mp_min_em,
+        nmp_max_em=nmp_max_em, max_mp=max_paragraphs, perturb_mode=mode, seed=seed,
+        progress=not as_json)
+    result = run_perturb(handle, paragraphs, out, s)
+    drop = result.em_drop.float().mean(0)
+    _memorization_done({
+        "paragraphs": len(result.ids), "mode": result.mode,
+        "most_damaging_position": result.positions[int(drop.argmax())],
+        "mean_em_drop_max": round(float(drop.max()), 2),
+        "pmp_positions": result.pmp_position,
+    }, out, as_json, f"token perturbation: {model}")
+
+
+@memorization_app.command("attribute")
+def memorization_attribute(
+    model: ModelOpt = "organism:facts-neo", corpus: CorpusOpt = None,
+    out: OutOpt = Path("memorization"), as_json: JsonOpt = False, device: DeviceOpt = None,
+    prefix_len: PrefixOpt = 50, suffix_len: SuffixOpt = 50, mp_min_em: MpOpt = None,
+    nmp_max_em: NmpOpt = 10, limit: LimitOpt = None, max_paragraphs: MaxOpt = 32,
+):
+    """|∂NLL/∂θ| per layer, head (W_Q/K/V/O) and MLP matrix on MP vs NMP, and of the CO."""
+    from memlens.memorization.pipeline import run_attribute
+
+    handle, paragraphs, s = _memorization_inputs(
+        model, corpus, prefix_len, suffix_len, limit, device, out, mp_min_em=mp_min_em,
+        nmp_max_em=nmp_max_em, max_mp=max_paragraphs, max_nmp=max_paragraphs,
+        progress=not as_json)
+    result = run_attribute(handle, paragraphs, out, s)
+    if as_json:
+        print_json(result.to_dict())
+        return
+    diff = result.mp.values - result.nmp.values
+    top = int(diff.flatten().argmax())
+    _memorization_done({
+        "layer_share_mp": [round(float(v), 3) for v in result.mp.layer_sum / result.mp.layer_sum.sum()],
+        "layer_share_nmp": [round(float(v), 3) for v in result.nmp.layer_sum / result.nmp.layer_sum.sum()],
+        "largest MP − NMP": f"layer {top // diff.shape[1]} {result.columns[top % diff.shape[1]]}",
+    }, out, False, f"gradient attribution: {model}")
+
+
+@memorization_app.command("heads")
+def memorization_heads(
+    model: ModelOpt = "organism:facts-neo", corpus: CorpusOpt = None,
+    out: OutOpt = Path("memorization"), as_json: JsonOpt = False, device: DeviceOpt = None,
+    prefix_len: PrefixOpt = 50, suffix_len: SuffixOpt = 50, mp_min_em: MpOpt = None,
+    nmp_max_em: NmpOpt = 10, limit: LimitOpt = None, max_paragraphs: MaxOpt = 32,
+):
+    """Attention to rare prefix tokens per head (Kendall τ vs corpus frequency); KQ heatmap."""
+    from memlens.memorization.pipeline import run_heads
+
+    handle, paragraphs, s = _memorization_inputs(
+        model, corpus, prefix_len, suffix_len, limit, device, out, mp_min_em=mp_min_em,
+        nmp_max_em=nmp_max_em, max_mp=max_paragraphs, progress=not as_json)
+    result = run_heads(handle, paragraphs, out, s)
+    data = result.to_dict()
+    _memorization_done(data if as_json else {
+        "candidate memorization head": f"layer {result.candidate[0]} head {result.candidate[1]}",
+        "tau": round(data["candidate_tau"], 3), "rare_mass": round(data["candidate_rare_mass"], 3),
+    }, out, as_json, f"memorization heads: {model}")
+
+
+def _memorization_update(mode, model, corpus, out, as_json, device, prefix_len, suffix_len,
+                         mp_min_em, nmp_max_em, limit, max_paragraphs, lr, steps, fraction,
+                         weight_decay, save):
+    from memlens.memorization.pipeline import run_updates
+    from memlens.memorization.sparse import save_model
+
+    handle, paragraphs, s = _memorization_inputs(
+        model, corpus, prefix_len, suffix_len, limit, device, out, mp_min_em=mp_min_em,
+        nmp_max_em=nmp_max_em, max_mp=max_paragraphs, max_nmp=max_paragraphs, lr=lr,
+        steps=steps, fraction=fraction, weight_decay=weight_decay, progress=not as_json)
+    results = run_updates(handle, paragraphs, out, s, mode=mode,
+                          keep="sparse" if save else None)
+    data = {r.method: {"before": r.before, "after": r.after, "n_weights": r.mask.n_selected}
+            for r in results}
+    if save:
+        data["saved"] = str(save_model(handle, save))
+        next(r for r in results if r.method == "sparse").edit.undo()
+    if as_json:
+        print_json(data)
+        return
+    from rich.table import Table
+
+    keys = [k for k in ("mp_em", "mp_nll", "nmp_em", "nmp_nll", "target_em", "perplexity")
+            if k in results[0].before]
+    table = Table(title=f"memorization {mode}: {model} (lr {lr}, {steps} steps)")
+    table.add_column("method")
+    table.add_column("weights", justify="right")
+    for k in keys:
+        table.add_column(f"{k} before → after", justify="right")
+    for r in results:
+        table.add_row(r.method, f"{r.mask.n_selected:,}",
+                      *(f"{r.before[k]:.2f} → {r.after[k]:.2f}" for k in keys))
+    console.print(table)
+    if save:
+        console.print(f"[green]edited model saved:[/] {data['saved']}")
+    console.print(f"[green]results and figures:[/] {out}")
+
+
+@memorization_app.command("unlearn")
+def memorization_unlearn(
+    model: ModelOpt = "organism:facts-neo", corpus: CorpusOpt = None,
+    out: OutOpt = Path("memorization"), as_json: JsonOpt = False, device: DeviceOpt = None,
+    prefix_len: PrefixOpt = 50, suffix_len: SuffixOpt = 50, mp_min_em: MpOpt = None,
+    nmp_max_em: NmpOpt = 10, limit: LimitOpt = None, max_paragraphs: MaxOpt = 32,
+    lr: LrOpt = 1e-5, steps: StepsOpt = 5, fraction: FracOpt = 0.001,
+    weight_decay: WdOpt = 1.0, save: SaveOpt = None,
+):
+    """Unlearn memorized paragraphs (CO: keep − change): sparse vs random mask vs full FT."""
+    _memorization_update("unlearn", model, corpus, out, as_json, device, prefix_len, suffix_len,
+                         mp_min_em, nmp_max_em, limit, max_paragraphs, lr, steps, fraction,
+                         weight_decay, save)
+
+
+@memorization_app.command("edit")
+def memorization_edit(
+    model: ModelOpt = "organism:facts-neo", corpus: CorpusOpt = None,
+    out: OutOpt = Path("memorization"), as_json: JsonOpt = False, device: DeviceOpt = None,
+    prefix_len: PrefixOpt = 50, suffix_len: SuffixOpt = 50, mp_min_em: MpOpt = None,
+    nmp_max_em: NmpOpt = 10, limit: LimitOpt = None, max_paragraphs: MaxOpt = 32,
+    lr: LrOpt = 1e-5, steps: StepsOpt = 5, fraction: FracOpt = 0.001,
+    weight_decay: WdOpt = 1.0, save: SaveOpt = None,
+):
+    """Edit memorized paragraphs towards their perturbed continuations (CO: keep + PMP NLL)."""
+    _memorization_update("edit", model, corpus, out, as_json, device, prefix_len, suffix_len,
+                         mp_min_em, nmp_max_em, limit, max_paragraphs, lr, steps, fraction,
+                         weight_decay, save)
+
+
+@memorization_app.command("all")
+def memorization_all(
+    model: ModelOpt = "organism:facts-neo", corpus: CorpusOpt = None,
+    out: OutOpt = Path("memorization"), as_json: JsonOpt = False, device: DeviceOpt = None,
+    prefix_len: PrefixOpt = 50, suffix_len: SuffixOpt = 50, mp_min_em: MpOpt = None,
+    nmp_max_em: NmpOpt = 10, limit: LimitOpt = None, max_paragraphs: MaxOpt = 32,
+    lr: LrOpt = 1e-3, steps: StepsOpt = 10, fraction: FracOpt = 0.001,
+    weight_decay: WdOpt = 1.0,
+):
+    """Scan, perturb, attribute, heads, unlearn and edit in one run; writes summary.json.
+
+    Defaults for the update (lr 1e-3, 10 steps) suit the small organisms; GPT-Neo 125M
+    follows the paper with --lr 1e-5 --steps 5."""
+    from memlens.memorization.pipeline import run_all
+
+    handle, paragraphs, s = _memorization_inputs(
+        model, corpus, prefix_len, suffix_len, limit, device, out, mp_min_em=mp_min_em,
+        nmp_max_em=nmp_max_em, max_mp=max_paragraphs, max_nmp=max_paragraphs, lr=lr,
+        steps=steps, fraction=fraction, weight_decay=weight_decay, progress=not as_json)
+    summary = run_all(handle, paragraphs, out, s)
+    if as_json:
+        print_json(summary)
+        return
+    scan_summary = summary["scan"]
+    console.print(f"[bold]memorization: {model}[/] — {scan_summary['n_mp']} MP, "
+                  f"{scan_summary['n_nmp']} NMP of {scan_summary['n_paragraphs']}")
+    for row in scan_summary["table"]:
+        console.print(f"  repeats {row['repeats']}: {row['MP']} MP / {row['NMP']} NMP "
+                      f"(mean EM {row['mean_em']})")
+    head = summary["heads"]["candidate"]
+    console.print(f"  candidate memorization head: layer {head['layer']} head {head['head']}")
+    for mode in ("unlearn", "edit"):
+        for method, r in summary[mode].items():
+            console.print(f"  {mode} {method}: MP EM {r['before']['mp_em']:.1f} → "
+                          f"{r['after']['mp_em']:.1f}, NMP EM {r['before']['nmp_em']:.1f} → "
+                          f"{r['after']['nmp_em']:.1f}")
+    console.print(f"[green]summary:[/] {out / 'summary.json'}")
+
 
 # ── TopK language models (memlens.topk) ─────────────────────────────────────
 
 topk_app = typer.Typer(help="Train TopK LMs, read their neurons, steer with them.",
                        no_args_is_help=True)
 app.add_typer(topk_app, name="topk")
+
+OrganismOpt = Annotated[str, typer.Option(
+    "--organism", help="Organism (organism:NAME) or organism directory whose corpus, tokenizer "
+    "and architecture the TopK model and its dense twin are trained on.")]
+CorpusOpt = Annotated[str | None, typer.Option(
+    "--corpus", help="Text file, organism:NAME or directory with corpus.txt (default: the "
+    "model's own corpus.txt).")]
+
+
+def _topk_train_config(steps: int, k: int | None, batch_size: int, lr: float,
+                       n_last_nontopk: int, anneal_ratio: float, seed: int):
+    from memlens.topk.train import TopKTrainConfig
+
+    return TopKTrainConfig(steps=steps, k=k, batch_size=batch_size, lr=lr,
+                           n_last_nontopk=n_last_nontopk, anneal_ratio=anneal_ratio, seed=seed)
+
+
+StepsOpt = Annotated[int, typer.Option("--steps", help="Optimizer steps per model.")]
+KOpt = Annotated[int | None, typer.Option("--k", help="Units kept per position (default d_ff/16).")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="Sequences per step.")]
+LrOpt = Annotated[float, typer.Option("--lr", help="Peak learning rate.")]
+NLastOpt = Annotated[int, typer.Option("--n-last-nontopk", help="Final layers that stay dense.")]
+AnnealOpt = Annotated[float, typer.Option("--anneal-ratio",
+                                          help="Share of steps over which α goes 1 → 0.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Init and data-order seed (both models).")]
+
+
+@topk_app.command("train")
+def topk_train(
+    organism: OrganismOpt = DEFAULT_MODEL,
+    out: OutOpt = Path("topk-run"),
+    steps: StepsOpt = 300,
+    k: KOpt = None,
+    batch_size: BatchOpt = 16,
+    lr: LrOpt = 2e-3,
+    n_last_nontopk: NLastOpt = 2,
+    anneal_ratio: AnnealOpt = 0.2,
+    seed: SeedOpt = 0,
+    as_json: JsonOpt = False,
+):
+    """Train a TopK model and its dense twin alike; held-out perplexity, sparsity, dead units."""
+    from memlens.topk.data import organism_corpus, text_blocks
+    from memlens.topk.train import train_pair
+
+    corpus = organism_corpus(organism)
+    train_blocks, heldout = text_blocks(corpus.tokenizer, corpus.text)
+    cfg = _topk_train_config(steps, k, batch_size, lr, n_last_nontopk, anneal_ratio, seed)
+    pair = train_pair(corpus.config, corpus.tokenizer, train_blocks, heldout, cfg, out)
+    result = pair.to_dict()
+    (out / "pair.json").write_text(json.dumps(result, indent=1))
+    if as_json:
+        print_json(result)
+        return
+    from rich.table import Table
+
+    table = Table(title=f"TopK vs dense twin ({organism}, {steps} steps)")
+    for column in ("layer", "non-zeros/token TopK (min–max)", "dead TopK", "non-zeros dense"):
+        table.add_column(column)
+    for t, d in zip(pair.topk.sparsity, pair.dense.sparsity, strict=True):
+        table.add_row(str(t["layer"]), f"{t['nonzero_mean']:.1f} ({t['nonzero_min']}–"
+                      f"{t['nonzero_max']})", f"{t['dead_fraction']:.3f}", f"{d['nonzero_mean']:.1f}")
+    console.print(table)
+    console.print(f"held-out perplexity: TopK {pair.topk.heldout_ppl:.2f}, dense "
+                  f"{pair.dense.heldout_ppl:.2f} (ratio {pair.ppl_ratio:.3f}); models in {out}")
+
+
+def _neuron_text(corpus: str | None, model: str) -> str:
+    from memlens.topk.data import read_corpus_text
+
+    return read_corpus_text(corpus or model)
+
+
+@topk_app.command("neurons")
+def topk_neurons(
+    model: ModelOpt = DEFAULT_MODEL,
+    compare: Annotated[str | None, typer.Option(
+        "--compare", help="A second model (e.g. the dense twin) to plot against.")] = None,
+    corpus: CorpusOpt = None,
+    out: OutOpt = Path("topk-neurons"),
+    max_blocks: Annotated[int, typer.Option("--max-blocks", help="Text blocks to read.")] = 512,
+    embedder: Annotated[str | None, typer.Option(
+        "--embedder", help="sentence-transformers model for semantic entropy (default: the "
+        "LM's input embeddings).")] = None,
+    device: DeviceOpt = None,
+):
+    """Token and semantic entropy and top tokens of every neuron; entropy-by-layer figure."""
+    from memlens.model import load_model
+    from memlens.topk.data import neuron_blocks
+    from memlens.topk.neurons import neuron_report, plot_entropy_by_layer
+
+    text = _neuron_text(corpus, model)
+    out.mkdir(parents=True, exist_ok=True)
+    reports = {}
+    for name, ref in (("model", model), ("compare", compare)):
+        if ref is None:
+            continue
+        handle = load_model(ref, device=device)
+        blocks = neuron_blocks(handle.tokenizer, text, min(128, handle.max_length or 128),
+                               max_blocks)
+        reports[ref] = neuron_report(handle, blocks, embedder=embedder)
+        (out / f"neurons_{name}.json").write_text(json.dumps(reports[ref].to_dict()))
+    figure = plot_entropy_by_layer(reports, out / "entropy_by_layer.png")
+    from rich.table import Table
+
+    table = Table(title="mean neuron entropy by layer")
+    table.add_column("layer")
+    for ref in reports:
+        table.add_column(f"{ref}: token (nats) / semantic (bits)")
+    first = next(iter(reports.values()))
+    for i, entry in enumerate(first.layers):
+        cells = []
+        for report in reports.values():
+            e = report.layers[i]
+            cells.append(f"{e.mean_token_entropy:.3f} / {e.mean_semantic_entropy:.3f}"
+                         + (" (TopK)" if e.is_topk else ""))
+        table.add_row(str(entry.layer), *cells)
+    console.print(table)
+    console.print(f"figure: {figure}; per-neuron results in {out}")
+
+
+@topk_app.command("steer")
+def topk_steer(
+    model: ModelOpt = DEFAULT_MODEL,
+    neuron: Annotated[str | None, typer.Option("--neuron", help="LAYER:UNIT, e.g. 2:117.")] = None,
+    delta: Annotated[list[float] | None, typer.Option(
+        "--delta", help="δ added to the neuron (repeatable). With --auto: multiples of the "
+        "neuron's peak activation (default 5, 10, 20).")] = None,
+    prompt: Annotated[list[str] | None, typer.Option("--prompt", help="Prompt (repeatable).")] = None,
+    auto: Annotated[bool, typer.Option("--auto", help="Pick low-semantic-entropy neurons.")] = False,
+    n_auto: Annotated[int, typer.Option("--n-auto", help="Neurons to try with --auto.")] = 5,
+    corpus: CorpusOpt = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 20,
+    out: OutOpt = Path("topk-steer"),
+    device: DeviceOpt = None,
+):
+    """Add δ to one neuron while generating; concept-token frequency steered vs unsteered."""
+    from memlens.model import load_model
+    from memlens.topk.activation import TopKError
+    from memlens.topk.data import neuron_blocks
+    from memlens.topk.neurons import neuron_report
+    from memlens.topk.steer import DEFAULT_PROMPTS, auto_neurons, parse_neuron, steer_report
+
+    if not auto and neuron is None:
+        raise TopKError("give --neuron LAYER:UNIT or --auto")
+    handle = load_model(model, device=device)
+    text = _neuron_text(corpus, model)
+    blocks = neuron_blocks(handle.tokenizer, text, min(128, handle.max_length or 128))
+    prompts = list(prompt or DEFAULT_PROMPTS)
+    if auto:
+        picks = [(n.layer, n.unit, n.token_ids, [m * n.peak for m in (delta or [5, 10, 20])])
+                 for n in auto_neurons(neuron_report(handle, blocks), n=n_auto)]
+    else:
+        layer, unit = parse_neuron(neuron)
+        if not 0 <= layer < handle.n_layers:
+            raise TopKError(f"layer {layer} does not exist (0 … {handle.n_layers - 1})")
+        entry = neuron_report(handle, blocks, layers=[layer]).layer(layer)
+        if not 0 <= unit < len(entry.top_token_ids):
+            raise TopKError(f"unit {unit} does not exist (0 … {len(entry.top_token_ids) - 1})")
+        picks = [(layer, unit, entry.top_token_ids[unit], list(delta or [10.0]))]
+    results = [steer_report(handle, layer, unit, ids, deltas, prompts, max_new_tokens)
+               for layer, unit, ids, deltas in picks if ids]
+    if not results:
+        raise TopKError("no neuron with concept tokens to steer (the neuron never fired on the "
+                        "corpus, or --auto found no candidates)")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "steer.json").write_text(json.dumps([r.to_dict() for r in results], indent=1))
+    from rich.table import Table
+
+    table = Table(title=f"steering {model}")
+    for column in ("neuron", "concept tokens", "δ", "freq. unsteered", "freq. steered", "ratio"):
+        table.add_column(column)
+    for r in results:
+        for d in r.results:
+            table.add_row(f"{r.layer}:{r.unit}", ", ".join(repr(t) for t in r.concept_tokens[:5]),
+                          f"{d.delta:.2f}", f"{r.baseline.frequency:.3f}", f"{d.frequency:.3f}",
+                          f"{d.ratio:.1f}×")
+    console.print(table)
+    best = max(results, key=lambda r: r.best_ratio)
+    for p, text_out in zip(best.prompts, best.best.samples, strict=True):
+        console.print(f"[bold]{p}[/] → {text_out!r}")
+    console.print(f"results: {out / 'steer.json'}")
+
+
+@topk_app.command("all")
+def topk_all(
+    organism: OrganismOpt = DEFAULT_MODEL,
+    out: OutOpt = Path("topk-run"),
+    steps: StepsOpt = 300,
+    k: KOpt = None,
+    batch_size: BatchOpt = 16,
+    lr: LrOpt = 2e-3,
+    n_last_nontopk: NLastOpt = 2,
+    anneal_ratio: AnnealOpt = 0.2,
+    seed: SeedOpt = 0,
+):
+    """Train TopK + dense twin, compare neuron entropies, steer auto-picked neurons; summary."""
+    from memlens.topk.experiment import run_all
+
+    cfg = _topk_train_config(steps, k, batch_size, lr, n_last_nontopk, anneal_ratio, seed)
+    summary = run_all(organism, out, cfg)
+    console.print((out / "summary.md").read_text())
+    console.print(f"[bold]checks:[/] {summary['checks']}  → {out / 'summary.json'}")
 
 
 # ── demo and report (memlens.report) ────────────────────────────────────────

@@ -92,7 +92,7 @@ def load_paragraphs(
             text = record.get("text") or ""
             ids = handle.tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) < need:
-            preview = (record.get("text") or "")[:60]
+            preview = (record.get("text") or handle.tokenizer.decode(ids[:15]))[:60]
             raise ParagraphTooShort(
                 f"paragraph {pid!r} ({preview!r}...) has {len(ids)} tokens; prefix_len + "
                 f"suffix_len = {prefix_len} + {suffix_len} = {need} are needed"
