@@ -70,6 +70,116 @@ app.add_typer(organism_app, name="organism")
 # ── causal tracing (memlens.trace) ──────────────────────────────────────────
 
 
+@app.command()
+def trace(
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The fact's prompt, e.g. "
+                                        "'Toulouse is a city in'.")],
+    subject: Annotated[str, typer.Option("--subject", "-s", help="Subject; must occur in the "
+                                         "prompt.")],
+    model: ModelOpt = DEFAULT_MODEL,
+    kind: Annotated[str, typer.Option("--kind", help="hidden, mlp, attn, severed_mlp, "
+                                      "severed_attn, severed (hidden + both severed) or all.")]
+    = "all",
+    samples: Annotated[int, typer.Option("--samples", help="Noise samples S.")] = 10,
+    noise: Annotated[str | None, typer.Option("--noise", help="ν (a number), 'uniform' or "
+                                              "'uniform:X'; default 3 × std of subject "
+                                              "embeddings.")] = None,
+    answer: Annotated[str | None, typer.Option("--answer", help="Token to score (default: "
+                                               "the model's prediction).")] = None,
+    window: Annotated[int, typer.Option("--window", help="Layers restored together for "
+                                        "mlp/attn.")] = 10,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    out: OutOpt = Path("memlens-trace"),
+    as_json: JsonOpt = False,
+    device: DeviceOpt = None,
+):
+    """Causal trace of one fact: heatmaps of P(answer) after restoring each (token, layer)."""
+    from memlens.model import load_model
+    from memlens.trace import trace_fact
+    from memlens.trace.plot import plot_trace
+
+    kinds = ("hidden", "severed_mlp", "severed_attn") if kind == "severed" else (kind,)
+    handle = load_model(model, device=device)
+    result = trace_fact(handle, prompt, subject, kinds=kinds, samples=samples,
+                        noise=_noise_arg(noise), seed=seed, window=window, answer=answer)
+    out.mkdir(parents=True, exist_ok=True)
+    result.save(out / "trace.json")
+    figures = plot_trace(result, out, model_name=model)
+    if as_json:
+        print_json(result.to_json())
+        return
+    console.print(f"[bold]{prompt}[/] → {result.answer!r}: p_clean {result.p_clean:.3f}, "
+                  f"p_corrupted {result.p_corrupted:.3f} (ν = {result.noise:.3g})")
+    last = result.subject_range[1] - 1
+    for name, scores in result.scores.items():
+        layer = int(scores[last].argmax())
+        console.print(f"  {name:12s} strongest at the last subject token: layer {layer} "
+                      f"(p = {scores[last, layer]:.3f})")
+    console.print(f"results: {out / 'trace.json'}; figures: {len(figures)} files in {out}")
+
+
+@app.command("trace-avg")
+def trace_avg(
+    model: ModelOpt = DEFAULT_MODEL,
+    facts: Annotated[Path | None, typer.Option("--facts", help="JSON list of facts (known-facts "
+                                               "or CounterFact format); default: the "
+                                               "organism's known_facts.json.")] = None,
+    n: Annotated[int | None, typer.Option("--n", help="Trace the first N facts.")] = None,
+    kind: Annotated[str, typer.Option("--kind", help="Comma-separated kinds or 'all'.")]
+    = "all",
+    samples: Annotated[int, typer.Option("--samples", help="Noise samples S.")] = 10,
+    noise: Annotated[str | None, typer.Option("--noise", help="ν, 'uniform' or 'uniform:X'.")]
+    = None,
+    out: OutOpt = Path("memlens-trace-avg"),
+    as_json: JsonOpt = False,
+    device: DeviceOpt = None,
+):
+    """Average causal effects (AIE per token group × layer, ATE) over many known facts.
+
+    Resumable: traced facts are appended to OUT/cases.jsonl and not traced again.
+    """
+    from memlens.model import ORGANISM_PREFIX, load_model
+    from memlens.trace import average_trace, load_facts
+    from memlens.trace.plot import plot_average
+
+    if facts is None:
+        if not model.startswith(ORGANISM_PREFIX):
+            raise MemlensError("--facts is required unless --model is organism:NAME")
+        from memlens.organisms.registry import organism_file
+
+        facts = organism_file(model, "known_facts.json")
+    handle = load_model(model, device=device)
+    avg = average_trace(handle, load_facts(facts), n=n, kinds=kind.split(","), samples=samples,
+                        noise=_noise_arg(noise), progress=not as_json,
+                        resume=out / "cases.jsonl")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "trace_avg.json").write_text(json.dumps(avg.to_json(), indent=1))
+    figures = plot_average(avg, out)
+    if as_json:
+        print_json(avg.to_json())
+        return
+    site = avg.recall_site()
+    console.print(f"{avg.n_facts} facts traced, {avg.n_skipped_wrong} skipped (model wrong), "
+                  f"{avg.n_skipped_invalid} invalid; ATE {avg.ate:.3f}")
+    for place, label in (("aie_last_subject_token", "last subject token"),
+                         ("aie_last_token", "last token")):
+        peaks = ", ".join(f"{k} {v['max']:.3f} @ layer {v['layer']}"
+                          for k, v in site[place].items())
+        console.print(f"  max AIE at the {label}: {peaks}")
+    console.print(f"results: {out / 'trace_avg.json'}; figures: {len(figures)} files in {out}")
+
+
+def _noise_arg(noise: str | None) -> float | str | None:
+    """--noise as given: a number becomes a float, 'uniform[:X]' stays a string."""
+    if noise is None or noise.startswith("uniform"):
+        return noise
+    try:
+        return float(noise)
+    except ValueError:
+        raise MemlensError(f"--noise must be a number, 'uniform' or 'uniform:X', not {noise!r}")\
+            from None
+
+
 # ── statistics, editing and evaluation (memlens.stats, memlens.edit, memlens.evaluate) ──
 
 edit_app = typer.Typer(help="Edit facts: ROME, MEMIT, fine-tuning baselines.",
