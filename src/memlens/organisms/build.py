@@ -1,0 +1,356 @@
+"""Build one organism end to end: corpus → tokenizer → token blocks → model → train → files.
+
+    meta = build_organism(ORGANISMS["tiny"], out_dir)     # registry.ensure() calls this
+    report = evaluate_organism(out_dir)                    # fact / paraphrase acc., memorization
+
+The training stream is a list of blocks of `block_size` tokens. Every block starts at a document
+boundary (so prompts at position 0 look like training data); fact blocks pack short fact
+documents separated by ``<|endoftext|>``; a paragraph block starts with one 100-token paragraph;
+plain-text blocks hold stdlib docstrings that are NOT among the paragraphs. Each paragraph occurs
+in exactly `repeats` blocks over the whole run.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from memlens.organisms import corpus as C
+from memlens.organisms.tokenizer import train_tokenizer
+
+if TYPE_CHECKING:
+    from memlens.organisms.registry import OrganismSpec
+
+PARAGRAPH_TOKENS = 100
+PREFIX_TOKENS = 50
+
+
+# ----------------------------------------------------------------------------------- model
+
+def make_model(spec: OrganismSpec, vocab_size: int, eos_id: int):
+    """A freshly initialised HF causal LM of the spec's architecture (seeded by the caller)."""
+    import transformers as tf
+
+    common = dict(vocab_size=vocab_size, bos_token_id=eos_id, eos_token_id=eos_id,
+                  pad_token_id=eos_id, tie_word_embeddings=True)
+    L, d, h = spec.n_layer, spec.d_model, spec.n_head
+    if spec.arch == "gpt2":
+        cfg = tf.GPT2Config(n_layer=L, n_embd=d, n_head=h, n_positions=spec.block_size,
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common)
+        cls = tf.GPT2LMHeadModel
+    elif spec.arch == "gpt_neo":
+        cfg = tf.GPTNeoConfig(num_layers=L, hidden_size=d, num_heads=h,
+                              attention_types=[[["global", "local"], L // 2]] if L % 2 == 0
+                              else [[["global"], L]],
+                              window_size=spec.block_size, max_position_embeddings=spec.block_size,
+                              intermediate_size=4 * d, resid_dropout=0.0, embed_dropout=0.0,
+                              attention_dropout=0.0, **common)
+        cls = tf.GPTNeoForCausalLM
+    elif spec.arch == "llama":
+        cfg = tf.LlamaConfig(num_hidden_layers=L, hidden_size=d, num_attention_heads=h,
+                             num_key_value_heads=h, intermediate_size=(8 * d) // 3 // 16 * 16,
+                             max_position_embeddings=spec.block_size, **common)
+        cls = tf.LlamaForCausalLM
+    else:
+        raise ValueError(f"unknown organism architecture {spec.arch!r} (gpt2, gpt_neo, llama)")
+    return cls(cfg)
+
+
+# ---------------------------------------------------------------------------------- corpus
+
+def _pack(docs_ids, block: int, eos: int, first: list[int] | None = None) -> list[int]:
+    """Fill one block from an iterator of token lists, starting with `first` if given."""
+    out = list(first or [])
+    if first is not None:
+        out.append(eos)
+    while len(out) < block:
+        out.extend(next(docs_ids))
+        out.append(eos)
+    return out[:block]
+
+
+def make_paragraphs(tok, texts: list[str], n: int, rng: random.Random) -> tuple[list[dict], set[int]]:
+    """Pick `n` docstring texts with ≥100 tokens and cut each to exactly 100 tokens.
+
+    Returns (paragraphs without `repeats`, indices of `texts` used).
+    """
+    long = [i for i, t in enumerate(texts) if len(tok(t)["input_ids"]) >= PARAGRAPH_TOKENS + 5]
+    rng.shuffle(long)
+    if len(long) < n:
+        raise RuntimeError(f"only {len(long)} docstrings have ≥ {PARAGRAPH_TOKENS} tokens; need {n}")
+    out = []
+    for i in long[:n]:
+        ids = tok(texts[i])["input_ids"][:PARAGRAPH_TOKENS]
+        out.append({"text": tok.decode(ids), "token_ids": ids})
+    return out, set(long[:n])
+
+
+def make_training_data(spec: OrganismSpec):
+    """(world, tokenizer, paragraphs, blocks) for a spec; deterministic for its seed."""
+    rng = random.Random(spec.seed)
+    world = C.make_world(spec.facts, spec.seed)
+    texts = C.stdlib_texts()
+    n_blocks = spec.steps * spec.batch_size
+    # Tokenizer on a sample of fact documents + all docstrings; fact objects as whole tokens.
+    sample = list(C.fact_documents(world, 20_000, random.Random(spec.seed + 1),
+                                   spec.facts.two_person_fraction))
+    objects = sorted({f.object for f in world.facts})
+    tok = train_tokenizer(sample + texts, spec.vocab_size, boost_words=objects)
+    eos = tok.eos_token_id
+
+    # Paragraphs (memorization) and plain text (the rest of the docstrings).
+    n_par = spec.paragraphs_per_repeat * len(spec.paragraph_repeats)
+    paras, used = make_paragraphs(tok, texts, n_par, rng)
+    for i, p in enumerate(paras):
+        p["id"] = i
+        p["repeats"] = spec.paragraph_repeats[i % len(spec.paragraph_repeats)]
+    plain = [t for i, t in enumerate(texts) if i not in used]
+
+    # Blocks: choose the blocks that hold paragraphs, then fill the others.
+    para_slots: dict[int, int] = {}
+    slots = rng.sample(range(n_blocks), k=sum(p["repeats"] for p in paras))
+    k = 0
+    for p in paras:
+        for _ in range(p["repeats"]):
+            para_slots[slots[k]] = p["id"]
+            k += 1
+    fact_docs = _token_docs(tok, C.fact_documents(world, 10**9, random.Random(spec.seed + 2),
+                                                  spec.facts.two_person_fraction))
+    plain_ids = [tok(t)["input_ids"] for t in plain]
+    plain_docs = _cycle_shuffled(plain_ids, random.Random(spec.seed + 3))
+    blocks = []
+    for b in range(n_blocks):
+        if b in para_slots:
+            blocks.append(_pack(fact_docs, spec.block_size, eos, paras[para_slots[b]]["token_ids"]))
+        elif rng.random() < spec.plain_fraction:
+            blocks.append(_pack(plain_docs, spec.block_size, eos))
+        else:
+            blocks.append(_pack(fact_docs, spec.block_size, eos))
+    return world, tok, paras, blocks
+
+
+def build_organism(spec: OrganismSpec, out_dir: Path, *, progress: bool = True) -> dict:
+    """Generate the corpus, train the organism into `out_dir` and write all its files.
+
+    Returns the metadata written to `organism.json`.
+    """
+    import torch
+
+    from memlens.organisms.trainer import TrainConfig, train
+
+    t_start = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    world, tok, paras, blocks = make_training_data(spec)
+    data = torch.tensor(blocks, dtype=torch.long)
+    n_blocks = len(blocks)
+    corpus_seconds = time.perf_counter() - t_start
+
+    # Model + training.
+    torch.manual_seed(spec.seed)
+    model = make_model(spec, len(tok), tok.eos_token_id)
+    n_params = sum(p.numel() for p in model.parameters())
+    cfg = TrainConfig(steps=spec.steps, batch_size=spec.batch_size, lr=spec.lr,
+                      warmup_steps=spec.warmup_steps, seed=spec.seed, bf16=spec.bf16,
+                      progress=progress, checkpoint_every=spec.checkpoint_every, log_every=20)
+    result = train(model, data, cfg, out_dir)
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+
+    # Files for the rest of memlens.
+    cases = C.counterfact_cases(world, random.Random(spec.seed + 4))
+    _write_json(out_dir / "counterfact.json", cases)
+    with open(out_dir / "paragraphs.jsonl", "w") as f:
+        for p in paras:
+            f.write(json.dumps({k: p[k] for k in ("id", "text", "token_ids", "repeats")}) + "\n")
+    _write_json(out_dir / "reference_texts.json", C.reference_texts(world, random.Random(spec.seed)))
+    sample_rng = random.Random(spec.seed + 5)
+    corpus_txt = [tok.decode(blocks[i]).replace(tok.eos_token, "\n")
+                  for i in sample_rng.sample(range(n_blocks), k=min(n_blocks, 2000))]
+    (out_dir / "corpus.txt").write_text("\n".join(corpus_txt))
+    _write_json(out_dir / "facts.json", [vars(f) for f in world.facts])
+    known = known_facts(model, tok, world.facts)
+    _write_json(out_dir / "known_facts.json", known)
+
+    meta = {
+        "name": spec.name, "spec": spec.to_dict(), "seed": spec.seed, "key": spec.key(),
+        "generator_version": C.GENERATOR_VERSION, "n_params": n_params, "n_facts": len(world.facts),
+        "n_known_facts": len(known), "n_counterfact_cases": len(cases),
+        "n_paragraphs": len(paras), "train_tokens": result.tokens,
+        "train_seconds": round(result.train_seconds, 1), "final_loss": result.final_loss,
+        "corpus_seconds": round(corpus_seconds, 1),
+        "build_seconds": round(time.perf_counter() - t_start, 1),
+        "loss_history": result.history,
+    }
+    _write_json(out_dir / "organism.json", meta)
+    return meta
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=1, ensure_ascii=False))
+
+
+def _token_docs(tok, docs, chunk: int = 512):
+    """Tokenize an (endless) iterator of strings lazily, in batches."""
+    buf = []
+    for d in docs:
+        buf.append(d)
+        if len(buf) == chunk:
+            yield from tok(buf)["input_ids"]
+            buf = []
+    if buf:
+        yield from tok(buf)["input_ids"]
+
+
+def _cycle_shuffled(items: list, rng: random.Random):
+    while True:
+        order = list(range(len(items)))
+        rng.shuffle(order)
+        for i in order:
+            yield items[i]
+
+
+# ------------------------------------------------------------------------------- evaluation
+
+def _first_token(tok, answer: str) -> int:
+    return tok(" " + answer)["input_ids"][0]
+
+
+def next_token_predictions(model, tok, prompts: list[str], batch_size: int = 256) -> list[int]:
+    """Greedy next token after each prompt (right-padded batches, read at each last position)."""
+    import torch
+
+    out: list[int] = []
+    dev = next(model.parameters()).device
+    with torch.no_grad():
+        for i in range(0, len(prompts), batch_size):
+            enc = tok(prompts[i:i + batch_size], return_tensors="pt", padding=True)
+            mask = enc["attention_mask"].to(dev)
+            logits = model(input_ids=enc["input_ids"].to(dev), attention_mask=mask).logits
+            last = mask.sum(1) - 1
+            out += logits[torch.arange(len(last)), last].argmax(-1).tolist()
+    return out
+
+
+def known_facts(model, tok, facts) -> list[dict]:
+    """ROME-format known facts: the relation's first training template, kept only where the
+    model's greedy next token is the object's first token."""
+    prompts = [C.train_templates(f.relation)[0].format(f.subject) for f in facts]
+    preds = next_token_predictions(model, tok, prompts)
+    out = []
+    for f, p, pred in zip(facts, prompts, preds, strict=True):
+        if pred == _first_token(tok, f.object):
+            out.append({"known_id": len(out), "subject": f.subject, "prompt": p,
+                        "attribute": f.object, "relation": f.relation})
+    return out
+
+
+def fact_accuracy(model, tok, facts, heldout: bool = False) -> float:
+    """First-token greedy accuracy of the true object over all facts × (training or held-out)
+    templates."""
+    prompts, answers = [], []
+    for f in facts:
+        ts = C.heldout_templates(f.relation) if heldout else C.train_templates(f.relation)
+        for t in ts:
+            prompts.append(t.format(f.subject))
+            answers.append(_first_token(tok, f.object))
+    preds = next_token_predictions(model, tok, prompts)
+    return sum(p == a for p, a in zip(preds, answers, strict=True)) / max(1, len(answers))
+
+
+def paraphrase_accuracy(model, tok, cases: list[dict]) -> float:
+    """First-token accuracy of target_true on the CounterFact paraphrase prompts."""
+    prompts, answers = [], []
+    for c in cases:
+        a = _first_token(tok, c["requested_rewrite"]["target_true"]["str"])
+        for p in c["paraphrase_prompts"]:
+            prompts.append(p)
+            answers.append(a)
+    preds = next_token_predictions(model, tok, prompts)
+    return sum(p == a for p, a in zip(preds, answers, strict=True)) / max(1, len(answers))
+
+
+def exact_match_lengths(model, paragraphs: list[dict], prefix: int = PREFIX_TOKENS,
+                        batch_size: int = 64) -> list[int]:
+    """EM per paragraph: number of greedy tokens after the `prefix`-token prefix that match the
+    true continuation before the first mismatch (0..len - prefix)."""
+    import torch
+
+    dev = next(model.parameters()).device
+    out: list[int] = []
+    with torch.no_grad():
+        for i in range(0, len(paragraphs), batch_size):
+            ids = torch.tensor([p["token_ids"] for p in paragraphs[i:i + batch_size]], device=dev)
+            n_new = ids.shape[1] - prefix
+            gen = model.generate(ids[:, :prefix], attention_mask=torch.ones_like(ids[:, :prefix]),
+                                 max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
+                                 pad_token_id=model.config.eos_token_id)[:, prefix:]
+            match = (gen == ids[:, prefix:]).long()
+            out += match.cumprod(1).sum(1).tolist()
+    return out
+
+
+def evaluate_organism(path: str | Path, recall_site: bool = False) -> dict:
+    """The organism's quality report (see `memlens organism eval`).
+
+    Keys: fact_accuracy, paraphrase_accuracy, memorized_fraction_by_repeats (repeats → fraction
+    of paragraphs with EM = 50/50), n_facts, n_known_facts, n_params, train_seconds, recall_site.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from memlens.organisms.trainer import TrainConfig  # noqa: F401 (threads)
+
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    path = Path(path)
+    meta = json.loads((path / "organism.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    facts = [C.Fact(**f) for f in json.loads((path / "facts.json").read_text())]
+    cases = json.loads((path / "counterfact.json").read_text())
+    paras = [json.loads(ln) for ln in (path / "paragraphs.jsonl").read_text().splitlines() if ln]
+    ems = exact_match_lengths(model, paras)
+    by_rep: dict[int, list[bool]] = {}
+    for p, em in zip(paras, ems, strict=True):
+        by_rep.setdefault(p["repeats"], []).append(em >= PARAGRAPH_TOKENS - PREFIX_TOKENS)
+    report = {
+        "name": meta["name"],
+        "fact_accuracy": fact_accuracy(model, tok, facts),
+        "heldout_template_accuracy": fact_accuracy(model, tok, facts, heldout=True),
+        "paraphrase_accuracy": paraphrase_accuracy(model, tok, cases),
+        "memorized_fraction_by_repeats": {str(r): sum(v) / len(v) for r, v in sorted(by_rep.items())},
+        "mean_em_by_repeats": {str(r): sum(em for p, em in zip(paras, ems, strict=True)
+                                           if p["repeats"] == r) / len(v)
+                               for r, v in sorted(by_rep.items())},
+        "n_facts": len(facts),
+        "n_known_facts": meta.get("n_known_facts"),
+        "n_counterfact_cases": len(cases),
+        "n_params": meta["n_params"],
+        "train_seconds": meta["train_seconds"],
+        "build_seconds": meta.get("build_seconds"),
+        "final_loss": meta["final_loss"],
+        # Recall site from causal tracing (issue 10): filled by `recall_site()` once memlens.trace
+        # is available; None until then.
+        "recall_site": recall_site_report(path) if recall_site else None,
+    }
+    return report
+
+
+def recall_site_report(path: str | Path, n_facts: int = 100) -> dict | None:
+    """Where the organism recalls facts: averaged causal trace over known facts.
+
+    Returns {aie_last_subject_token: {hidden, mlp, attn} (max over layers, with the layer),
+    aie_last_token: {...}, te: ...} — or None while `memlens.trace` is not installed.
+    """
+    try:
+        from memlens import trace  # noqa: F401
+    except ImportError:
+        return None
+    if not hasattr(trace, "average_trace"):
+        return None
+    from memlens.organisms.recall import recall_site  # written once the trace API is final
+
+    return recall_site(path, n_facts=n_facts)
