@@ -189,6 +189,171 @@ eval_app = typer.Typer(help="Evaluate a model or an editor (CounterFact, zsRE)."
                        no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
 
+CorpusOpt = Annotated[str | None, typer.Option(
+    "--corpus", help="Text/JSONL file, dataset dir or HF dataset name (default: the model's "
+    "corpus.txt).")]
+HParamsOpt = Annotated[Path | None, typer.Option("--hparams", help="JSON/YAML file overriding "
+                                                 "hyper-parameters.")]
+LayerOpt = Annotated[int | None, typer.Option("--layer", help="Layer to edit (default: from a "
+                                              "causal trace, else the middle layer).")]
+
+
+@app.command()
+def stats(
+    layers: Annotated[str, typer.Option("--layers", help="e.g. 3-8 or 2,5,7.")],
+    model: ModelOpt = DEFAULT_MODEL,
+    corpus: CorpusOpt = None,
+    samples: Annotated[int, typer.Option("--samples", help="Corpus samples (texts).")] = 1000,
+    batch_tokens: Annotated[int, typer.Option("--batch-tokens", help="Padded tokens per "
+                                              "forward pass.")] = 2048,
+    max_len: Annotated[int, typer.Option("--max-len", help="Tokens per sample (≤ context).")]
+    = 256,
+    as_json: JsonOpt = False,
+    device: DeviceOpt = None,
+):
+    """Second moments C = E(k kᵀ) of the MLP keys of many layers, in one cached pass."""
+    from memlens.model import load_model
+    from memlens.stats import layer_stats, parse_layers
+
+    handle = load_model(model, device=device)
+    result = layer_stats(handle, parse_layers(layers), corpus=corpus, n_samples=samples,
+                         batch_tokens=batch_tokens, max_len=max_len, progress=not as_json)
+    rows = [s.meta() for s in result.values()]
+    if as_json:
+        print_json(rows)
+        return
+    from rich.table import Table
+
+    table = Table(title=f"key statistics: {model}")
+    for column in ("layer", "tokens", "d_ff", "trace(C)", "corpus"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(str(r["layer"]), f"{r['count']:,}", str(r["d_ff"]), f"{r['trace']:.4g}",
+                      r["corpus"])
+    console.print(table)
+
+
+def _print_fact_check(handle, request, title: str) -> dict:
+    """P(target_new), P(target_true) and the greedy answer for one request, printed."""
+    from memlens.edit.requests import greedy_answer
+    from memlens.evaluate.scoring import score_targets
+
+    targets = [request.target_new] + ([request.target_true] if request.target_true else [])
+    scores = score_targets(handle, [request.text] * len(targets), targets)
+    answer = handle.tokenizer.decode(greedy_answer(handle, request.text, 3))
+    row = {"p_new": scores[0].prob, "p_true": scores[1].prob if len(scores) > 1 else None,
+           "greedy": answer}
+    true = f", p(true) {row['p_true']:.3g}" if row["p_true"] is not None else ""
+    console.print(f"  {title:6s} p(new) {row['p_new']:.3g}{true}; greedy: {answer!r}")
+    return row
+
+
+@edit_app.command("rome")
+def edit_rome(
+    request_file: Annotated[Path, typer.Option("--request", help="JSON: {prompt, subject, "
+                                               "target_new} or a CounterFact record.")],
+    model: ModelOpt = DEFAULT_MODEL,
+    layer: LayerOpt = None,
+    legacy: Annotated[bool, typer.Option("--legacy", help="The reference code's bare-prompt "
+                                         "denominator (for comparisons).")] = False,
+    hparams_file: HParamsOpt = None,
+    corpus: CorpusOpt = None,
+    save: Annotated[Path | None, typer.Option("--save", help="New directory for the edited "
+                                              "model.")] = None,
+    as_json: JsonOpt = False,
+    device: DeviceOpt = None,
+):
+    """One ROME edit, evaluated before and after; --save writes the edited model."""
+    from memlens.edit import ROMEHyperParams, apply_rome, load_requests, save_edited
+    from memlens.model import load_model
+
+    requests = load_requests(request_file)
+    if len(requests) != 1:
+        raise MemlensError(f"{request_file} holds {len(requests)} requests; ROME edits one "
+                           "(use `memlens edit memit` for many)")
+    request = requests[0]
+    handle = load_model(model, device=device)
+    hp = ROMEHyperParams.for_model(handle, path=hparams_file)
+    if not as_json:
+        console.print(f"[bold]ROME[/] {request.describe()}")
+    before = _print_fact_check(handle, request, "before") if not as_json else None
+    edit = apply_rome(handle, request, layer=layer, hparams=hp, legacy=legacy, corpus=corpus,
+                      progress=not as_json)
+    after = _print_fact_check(handle, request, "after") if not as_json else None
+    result = {**edit.to_dict(), "before": before, "after": after}
+    if save is not None:
+        path = save_edited(handle, save, edit)
+        result["saved"] = str(path)
+    if as_json:
+        print_json(result)
+        return
+    console.print(f"  layer {edit.layer} ({edit.log['layer_source']}), ‖ΔW‖ "
+                  f"{edit.delta_norms[edit.layer]:.4g}, v* loss "
+                  f"{edit.log['v_star']['loss_first']['loss']:.3g} → "
+                  f"{edit.log['v_star']['loss_last']['loss']:.3g}")
+    console.print(f"  saved: {result['saved']}" if save else
+                  "  (not saved: pass --save DIR to keep the edited model)")
+
+
+@eval_app.command("counterfact")
+def eval_counterfact(
+    model: ModelOpt = DEFAULT_MODEL,
+    data: Annotated[str | None, typer.Option("--data", help="CounterFact JSON (default: the "
+                                             "model's counterfact.json).")] = None,
+    edit: Annotated[str, typer.Option("--edit", help="rome, memit, ft or none.")] = "none",
+    n: Annotated[int | None, typer.Option("--n", help="First N cases.")] = None,
+    layer: LayerOpt = None,
+    hparams_file: HParamsOpt = None,
+    corpus: CorpusOpt = None,
+    references: Annotated[Path | None, typer.Option("--references", help="reference_texts.json "
+                                                    "or a corpus, for RS.")] = None,
+    generation: Annotated[bool, typer.Option("--generation/--no-generation",
+                                             help="Generate text for GE and RS.")] = True,
+    gen_tokens: Annotated[int, typer.Option("--gen-tokens")] = 50,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write counterfact.json "
+                                             "(all cases) here.")] = None,
+    as_json: JsonOpt = False,
+    device: DeviceOpt = None,
+):
+    """ES/PS/NS (+EM/PM/NM), Score, GE, RS before and after editing each case alone."""
+    from memlens.evaluate import (GenerationConfig, ReferenceTexts, evaluate_counterfact,
+                                  load_counterfact)
+    from memlens.evaluate.counterfact import resolve_data
+    from memlens.model import load_model
+
+    handle = load_model(model, device=device)
+    path = resolve_data(data, handle)
+    cases = load_counterfact(path, n=n)
+    refs = ReferenceTexts.load(references) if references else ReferenceTexts.for_data(handle, path)
+    hp = None
+    if edit == "rome":
+        from memlens.edit import ROMEHyperParams
+
+        hp = ROMEHyperParams.for_model(handle, path=hparams_file)
+    result = evaluate_counterfact(
+        handle, cases, editor=edit, layer=layer, hparams=hp, corpus=corpus, references=refs,
+        generation=GenerationConfig(max_new_tokens=gen_tokens) if generation else None,
+        progress=not as_json,
+    )
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "counterfact.json").write_text(json.dumps(result.to_dict(), indent=1, default=str))
+    if as_json:
+        print_json(result.summary)
+        return
+    from rich.table import Table
+
+    table = Table(title=f"CounterFact: {model}, {len(result.cases)} cases, editor {edit}"
+                  + (f" (layer {result.extra.get('layer')})" if edit == "rome" else ""))
+    for column in ("metric", "pre", "post"):
+        table.add_column(column, justify="right")
+    for key, value in {**result.summary, "ACC": result.extra["ACC"]}.items():
+        table.add_row(key, f"{value['pre']:.4g}", f"{value['post']:.4g}")
+    console.print(table)
+    if result.extra["skipped"]:
+        console.print(f"skipped {len(result.extra['skipped'])} case(s); first: "
+                      f"{result.extra['skipped'][0]['reason']}")
+
 
 # ── paragraph memorization (memlens.memorization) ───────────────────────────
 

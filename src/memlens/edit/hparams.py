@@ -1,0 +1,129 @@
+"""Typed hyper-parameters of editors, with per-family defaults and a JSON/YAML file override.
+
+    hp = ROMEHyperParams.for_model(handle)                   # family defaults
+    hp = ROMEHyperParams.for_model(handle, path="rome.yaml", v_lr=0.3)   # file, then keywords
+    hp.to_dict()                                             # echoed into every result
+
+Defaults follow the ROME reference hyper-parameters (gpt2-xl / gpt-j-6B share them).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any, ClassVar, Literal, TypeVar
+
+from memlens.errors import MemlensError
+
+FactToken = Literal["subject_last", "subject_first", "last"]
+FACT_TOKENS = ("subject_last", "subject_first", "last")
+
+H = TypeVar("H", bound="HyperParams")
+
+
+class InvalidHyperParams(MemlensError):
+    """A hyper-parameter file or value is malformed."""
+
+
+@dataclass(frozen=True)
+class HyperParams:
+    """Base of every editor's config: family defaults, file overrides, JSON round trip."""
+
+    #: model_type → field overrides on top of the dataclass defaults.
+    FAMILY_DEFAULTS: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    @classmethod
+    def for_model(cls: type[H], handle_or_type: Any = None, *, path: str | Path | None = None,
+                  **overrides: Any) -> H:
+        """Defaults for the model's family, then ``path`` (JSON/YAML), then ``overrides``."""
+        model_type = (handle_or_type if isinstance(handle_or_type, str) or handle_or_type is None
+                      else handle_or_type.arch.model_type)
+        values: dict[str, Any] = dict(cls.FAMILY_DEFAULTS.get(model_type or "", {}))
+        if path is not None:
+            values.update(read_config_file(path))
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(values)
+
+    @classmethod
+    def from_dict(cls: type[H], values: dict[str, Any]) -> H:
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise InvalidHyperParams(f"unknown {cls.__name__} key(s) {unknown}; valid keys: "
+                                     f"{', '.join(sorted(known))}")
+        coerced = {k: tuple(tuple(x) if isinstance(x, list) else x for x in v)
+                   if isinstance(v, list) else v for k, v in values.items()}
+        hp = cls(**coerced)
+        hp.check()
+        return hp
+
+    def check(self) -> None:
+        """Raise InvalidHyperParams on values that cannot work (overridden per editor)."""
+
+    def replace(self: H, **changes: Any) -> H:
+        hp = replace(self, **changes)
+        hp.check()
+        return hp
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A flat mapping from a .json or .yaml/.yml file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidHyperParams(f"hyper-parameter file {str(path)!r} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise InvalidHyperParams(f"{path} is YAML but PyYAML is not installed; "
+                                         "pip install pyyaml or use JSON") from None
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except (ValueError, TypeError) as exc:
+        raise InvalidHyperParams(f"{path}: cannot parse ({exc})") from None
+    if not isinstance(data, dict):
+        raise InvalidHyperParams(f"{path} must hold a mapping of hyper-parameters")
+    return data
+
+
+@dataclass(frozen=True)
+class ROMEHyperParams(HyperParams):
+    """ROME (Meng et al. 2022 §3) settings; defaults = the reference's gpt2-xl.json."""
+
+    layer: int | None = None  # None: from a causal trace when available, else the middle layer
+    fact_token: FactToken = "subject_last"  # where k is read and v written
+    v_lr: float = 0.5  # Adam learning rate of δ
+    v_num_grad_steps: int = 20  # at most this many steps
+    v_stop_loss: float = 0.05  # stop when the total loss falls below this
+    v_weight_decay: float = 0.5  # weight of ‖δ‖ / ‖v₀‖²
+    clamp_norm_factor: float = 4.0  # ‖δ‖ ≤ factor · ‖v₀‖
+    kl_factor: float = 0.0625  # weight of KL(edited ‖ original) on kl_prompt
+    kl_prompt: str = "{} is a"  # essence prompt whose distribution must not drift
+    mom2_adjustment: bool = True  # use C⁻¹ k* (False: plain k*, the "no covariance" ablation)
+    mom2_n_samples: int = 1000  # corpus samples for C = E[k kᵀ]
+    mom2_max_len: int = 256  # tokens per sample (≤ the model's context)
+    context_templates: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))  # (tokens, count)
+    context_seed: int = 0  # seed of the template sampler
+
+    FAMILY_DEFAULTS: ClassVar[dict[str, dict[str, Any]]] = {
+        "gpt2": {}, "gpt_neo": {}, "gptj": {}, "gpt_neox": {},
+        # Llama-family MLPs are gated (SwiGLU); the reference values carry over.
+        "llama": {}, "mistral": {}, "qwen2": {},
+    }
+
+    def check(self) -> None:
+        if self.fact_token not in FACT_TOKENS:
+            raise InvalidHyperParams(f"fact_token must be one of {FACT_TOKENS}, "
+                                     f"got {self.fact_token!r}")
+        if self.v_num_grad_steps < 1 or self.v_lr <= 0 or self.clamp_norm_factor <= 0:
+            raise InvalidHyperParams("v_num_grad_steps ≥ 1, v_lr > 0 and clamp_norm_factor > 0 "
+                                     f"are required, got {self.to_dict()}")
+        if "{}" not in self.kl_prompt:
+            raise InvalidHyperParams(f"kl_prompt {self.kl_prompt!r} needs '{{}}' for the subject")

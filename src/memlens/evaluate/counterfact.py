@@ -1,0 +1,324 @@
+"""CounterFact evaluation (ROME §3.2): does an edit generalise, stay specific, stay fluent?
+
+    cases = load_counterfact("organism:facts-gpt2")           # or a path to counterfact.json
+    result = evaluate_counterfact(handle, cases[:100], editor="rome")
+    result.summary["ES"]                                      # {"pre": 0.01, "post": 0.99}
+
+Per prompt, the mean-token NLL of target_new and of target_true (teacher forced) decides
+p_new > p_true. Per case: ES / PS = P[p_new > p_true] over rewrite / paraphrase prompts,
+NS = P[p_true > p_new] over neighbourhood prompts; EM / PM = mean(p_new − p_true), NM =
+mean(p_true − p_new) with p = exp(−NLL); Score = harmonic mean of ES, PS, NS (of the means
+over cases). GE = n-gram entropy of generations (:mod:`memlens.evaluate.fluency`), RS = TF-IDF
+consistency with texts about target_new (:mod:`memlens.evaluate.consistency`), ACC = zsRE-style
+teacher-forced token accuracy of target_new on rewrite + paraphrase prompts.
+With an editor, every case is edited alone and undone before the next; pre-edit numbers are
+measured on the same cases, so they always stand beside the post-edit ones.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from memlens.edit.requests import EditRequest, InvalidRequest
+from memlens.errors import MemlensError
+from memlens.evaluate.consistency import ReferenceTexts
+from memlens.evaluate.fluency import ngram_entropy
+from memlens.evaluate.scoring import generate, score_targets
+
+SUMMARY_KEYS = ("n", "ES", "PS", "NS", "EM", "PM", "NM", "Score", "GE", "RS")
+Editor = Callable[[Any, EditRequest], Any]  # (handle, request) -> EditHandle with .undo()
+
+
+@dataclass
+class CounterFactCase:
+    """One CounterFact record."""
+
+    request: EditRequest  # prompt, subject, target_new, target_true (required here)
+    paraphrase_prompts: list[str] = field(default_factory=list)
+    neighborhood_prompts: list[str] = field(default_factory=list)
+    attribute_prompts: list[str] = field(default_factory=list)
+    generation_prompts: list[str] = field(default_factory=list)
+    relation_id: str | None = None
+
+    @property
+    def case_id(self) -> Any:
+        return self.request.case_id
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any], index: int) -> CounterFactCase:
+        if "requested_rewrite" not in record:
+            raise MemlensError(f"CounterFact record {index} has no 'requested_rewrite' "
+                               f"(keys: {sorted(record)})")
+        request = EditRequest.from_dict(record, index=index)
+        if request.target_true is None:
+            raise MemlensError(f"CounterFact record {index} has no target_true")
+        if request.case_id is None:
+            request = EditRequest(request.prompt, request.subject, request.target_new,
+                                  request.target_true, index)
+        return cls(
+            request=request,
+            paraphrase_prompts=list(record.get("paraphrase_prompts", [])),
+            neighborhood_prompts=list(record.get("neighborhood_prompts", [])),
+            attribute_prompts=list(record.get("attribute_prompts", [])),
+            generation_prompts=list(record.get("generation_prompts", [])),
+            relation_id=record["requested_rewrite"].get("relation_id"),
+        )
+
+
+def resolve_data(data: str | Path | None, handle: Any = None) -> Path:
+    """A CounterFact file: a path, ``organism:NAME``, or (None) the model's counterfact.json."""
+    if data is None:
+        if handle is None or handle.source_dir is None or \
+                not (Path(handle.source_dir) / "counterfact.json").is_file():
+            raise MemlensError("no CounterFact data given and the model has no counterfact.json; "
+                               "pass --data FILE")
+        return Path(handle.source_dir) / "counterfact.json"
+    if str(data).startswith("organism:"):
+        from memlens.organisms.registry import organism_file
+
+        return organism_file(str(data), "counterfact.json")
+    path = Path(data).expanduser()
+    if path.is_dir():
+        path = path / "counterfact.json"
+    if not path.is_file():
+        raise MemlensError(f"CounterFact data {str(data)!r} does not exist")
+    return path
+
+
+def load_counterfact(data: str | Path, n: int | None = None) -> list[CounterFactCase]:
+    """Cases from a CounterFact JSON file (a list of records, public or organism schema)."""
+    path = resolve_data(data)
+    try:
+        records = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise MemlensError(f"{path}: invalid JSON ({exc})") from None
+    if not isinstance(records, list):
+        raise MemlensError(f"{path}: expected a JSON list of CounterFact records")
+    records = records[:n] if n is not None else records
+    return [CounterFactCase.from_record(r, i) for i, r in enumerate(records)]
+
+
+# ── one case ────────────────────────────────────────────────────────────────
+
+
+@dataclass
+class GenerationConfig:
+    """How GE/RS generations are made (same seed before and after an edit)."""
+
+    max_new_tokens: int = 50
+    sample: bool = True  # top-k sampling as the reference's generate_fast; False: greedy
+    top_k: int = 5
+    seed: int = 0
+
+
+def case_metrics(handle: Any, case: CounterFactCase, *,
+                 generation: GenerationConfig | None = GenerationConfig(),
+                 references: ReferenceTexts | None = None) -> dict[str, Any]:
+    """ES/PS/NS, EM/PM/NM, ACC, GE, RS of the model as it is now, for one case."""
+    req = case.request
+    groups = {"rewrite": [req.text], "paraphrase": case.paraphrase_prompts,
+              "neighborhood": case.neighborhood_prompts}
+    prompts = [p for ps in groups.values() for p in ps]
+    scores = score_targets(handle, prompts * 2,
+                           [req.target_new] * len(prompts) + [req.target_true] * len(prompts))
+    new, true = scores[: len(prompts)], scores[len(prompts):]
+    out: dict[str, Any] = {"case_id": case.case_id}
+    start = 0
+    for name, ps in groups.items():
+        pairs = [(new[i].nll, true[i].nll) for i in range(start, start + len(ps))]
+        start += len(ps)
+        sign = -1.0 if name == "neighborhood" else 1.0
+        success = [(t > nw) if sign > 0 else (nw > t) for nw, t in pairs]
+        magnitude = [sign * (math.exp(-nw) - math.exp(-t)) for nw, t in pairs]
+        key = {"rewrite": "E", "paraphrase": "P", "neighborhood": "N"}[name]
+        out[f"{key}S"] = _mean(success)
+        out[f"{key}M"] = _mean(magnitude)
+        out[f"{name}_nll"] = [[round(a, 4), round(b, 4)] for a, b in pairs]
+    hits = [h for s in new[: 1 + len(case.paraphrase_prompts)] for h in s.hits]
+    out["ACC"] = _mean(hits)
+    if generation is not None and case.generation_prompts:
+        texts = generate(handle, case.generation_prompts, max_new_tokens=generation.max_new_tokens,
+                         sample=generation.sample, top_k=generation.top_k, seed=generation.seed)
+        out["GE"] = ngram_entropy(texts)
+        out["RS"] = references.score(texts, req.target_new) if references else float("nan")
+        out["generations"] = texts
+    else:
+        out["GE"] = out["RS"] = float("nan")
+    return out
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(sum(values) / len(values)) if values else float("nan")
+
+
+# ── many cases ──────────────────────────────────────────────────────────────
+
+
+@dataclass
+class CounterFactResult:
+    """Summary {metric: {pre, post}} + per-case records; JSON-serialisable via to_dict()."""
+
+    summary: dict[str, dict[str, float]]
+    extra: dict[str, Any]
+    cases: list[dict[str, Any]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def summarize(records: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Means over cases (NaNs skipped); Score = harmonic mean of ES, PS, NS."""
+    out: dict[str, float] = {"n": float(len(records))}
+    for key in ("ES", "PS", "NS", "EM", "PM", "NM", "GE", "RS", "ACC"):
+        values = [r[key] for r in records if key in r and r[key] == r[key]]
+        out[key] = _mean(values)
+    parts = [out["ES"], out["PS"], out["NS"]]
+    if any(p != p for p in parts):
+        out["Score"] = float("nan")
+    else:
+        out["Score"] = 0.0 if min(parts) <= 0 else 3.0 / sum(1.0 / p for p in parts)
+    return out
+
+
+def make_editor(handle: Any, name: str, *, layer: int | None = None, hparams: Any = None,
+                corpus: str | None = None, first_request: EditRequest | None = None,
+                progress: bool = True) -> tuple[Editor | None, dict[str, Any]]:
+    """An editor callable by name ("rome", "memit", "ft", "none") and what it was set up with.
+
+    For ROME the layer is chosen once (user, hparams, else a trace of ``first_request``) and the
+    key statistics and context templates are computed once and shared by all cases.
+    """
+    if name == "none":
+        return None, {"editor": "none"}
+    if name == "rome":
+        from memlens.edit.context import context_templates
+        from memlens.edit.hparams import ROMEHyperParams
+        from memlens.edit.rome import apply_rome, choose_layer
+        from memlens.stats import layer_stats
+
+        hp = hparams or ROMEHyperParams.for_model(handle)
+        layer = layer if layer is not None else hp.layer
+        source = "user"
+        if layer is None:
+            if first_request is None:
+                layer, source = handle.n_layers // 2, "middle layer"
+            else:
+                layer, source = choose_layer(handle, first_request)
+        stats = layer_stats(handle, [layer], corpus=corpus, n_samples=hp.mom2_n_samples,
+                            max_len=hp.mom2_max_len, progress=progress) \
+            if hp.mom2_adjustment else None
+        templates = context_templates(handle, hp.context_templates, seed=hp.context_seed)
+
+        def rome(h: Any, request: EditRequest) -> Any:
+            return apply_rome(h, request, layer=layer, hparams=hp, stats=stats,
+                              templates=templates)
+
+        return rome, {"editor": "rome", "layer": layer, "layer_source": source,
+                      "hparams": hp.to_dict()}
+    if name in ("memit", "ft"):
+        module, function = {"memit": ("memlens.edit.memit", "apply_memit"),
+                            "ft": ("memlens.edit.finetune", "apply_ft")}[name]
+        try:
+            import importlib
+
+            apply = getattr(importlib.import_module(module), function)
+        except (ImportError, AttributeError):
+            raise MemlensError(f"editor {name!r} is not available ({module}.{function} is "
+                               "missing in this installation)") from None
+        kwargs = {k: v for k, v in (("layer", layer), ("hparams", hparams)) if v is not None}
+
+        def edit_one(h: Any, request: EditRequest) -> Any:
+            return apply(h, [request] if name == "memit" else request, **kwargs)
+
+        return edit_one, {"editor": name}
+    raise MemlensError(f"unknown editor {name!r}; choose rome, memit, ft or none")
+
+
+def evaluate_counterfact(
+    handle: Any,
+    cases: Sequence[CounterFactCase],
+    *,
+    editor: str | Editor = "none",
+    layer: int | None = None,
+    hparams: Any = None,
+    corpus: str | None = None,
+    references: ReferenceTexts | None = None,
+    generation: GenerationConfig | None = GenerationConfig(),
+    progress: bool = True,
+) -> CounterFactResult:
+    """Pre- and post-edit CounterFact metrics, editing one case at a time (undo between).
+
+        cases = load_counterfact("organism:facts-gpt2", n=100)
+        result = evaluate_counterfact(handle, cases, editor="rome")
+        result.summary["Score"]      # {"pre": ..., "post": ...}
+    """
+    if not cases:
+        raise MemlensError("no CounterFact cases to evaluate")
+    if isinstance(editor, str):
+        edit_fn, setup = make_editor(handle, editor, layer=layer, hparams=hparams, corpus=corpus,
+                                     first_request=cases[0].request, progress=progress)
+    else:
+        edit_fn, setup = editor, {"editor": getattr(editor, "__name__", "custom")}
+    fingerprint = handle.fingerprint()
+    records: list[dict[str, Any]] = []
+    pre_all: list[dict[str, Any]] = []
+    post_all: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    bar = _bar(progress, len(cases), setup["editor"])
+    try:
+        for case in cases:
+            pre = case_metrics(handle, case, generation=generation, references=references)
+            post = pre
+            log: dict[str, Any] = {}
+            if edit_fn is not None:
+                try:
+                    edit = edit_fn(handle, case.request)
+                except (InvalidRequest, MemlensError) as exc:
+                    if not isinstance(exc, InvalidRequest) and \
+                            handle.fingerprint(refresh=True) != fingerprint:
+                        raise
+                    skipped.append({"case_id": case.case_id, "reason": str(exc)})
+                    if bar:
+                        bar.advance()
+                    continue
+                try:
+                    post = case_metrics(handle, case, generation=generation,
+                                        references=references)
+                    log = {"layer": edit.log.get("layer"),
+                           "delta_norms": {str(k): v for k, v in edit.delta_norms.items()},
+                           "v_star": edit.log.get("v_star")}
+                finally:
+                    edit.undo()
+            records.append({"case_id": case.case_id, "request": case.request.to_dict(),
+                            "pre": pre, "post": post, "edit": log})
+            pre_all.append(pre)
+            post_all.append(post)
+            if bar:
+                bar.advance()
+    finally:
+        if bar:
+            bar.close()
+    if handle.fingerprint(refresh=True) != fingerprint:
+        raise MemlensError("the model's weights differ after evaluation: an edit was not undone")
+    if not records:
+        raise MemlensError(f"every case was skipped; first reason: {skipped[0]['reason']}")
+    pre_sum, post_sum = summarize(pre_all), summarize(post_all)
+    summary = {k: {"pre": pre_sum[k], "post": post_sum[k]} for k in SUMMARY_KEYS}
+    extra = {"ACC": {"pre": pre_sum["ACC"], "post": post_sum["ACC"]}, **setup,
+             "n_requested": len(cases), "skipped": skipped,
+             "references": references.source if references else None,
+             "generation": asdict(generation) if generation else None}
+    return CounterFactResult(summary=summary, extra=extra, cases=records)
+
+
+def _bar(enabled: bool, total: int, editor: str):
+    if not enabled:
+        return None
+    from memlens.stats import ProgressBar
+
+    return ProgressBar(f"CounterFact ({editor})", total, 0)

@@ -1,0 +1,374 @@
+"""Second moments of MLP keys, C = E[k kᵀ], for every requested layer in ONE pass over a corpus.
+
+    stats = layer_stats(handle, [3, 4, 5])            # the organism's corpus.txt by default
+    C = stats[4].mom2                                 # (d_ff, d_ff) float64, uncentered
+    stats[4].count                                    # number of tokens averaged
+
+k is the input of the edited matrix W (hook ``blocks.L.mlp.hook_post``), read at every non-pad
+token. Sums are accumulated in float64. Results are cached atomically under
+``$MEMLENS_HOME/stats/<model fingerprint>/<corpus>-n<samples>-len<max_len>/layer<L>.safetensors``;
+a run checkpoints its partial sums every few batches and resumes after an interrupt.
+A corpus is a text file (one sample per non-empty line), JSON/JSONL (strings or {"text": ...}),
+an organism directory (its corpus.txt), a saved ``datasets`` directory, or a HF dataset name
+(``datasets`` imported only then).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from memlens.errors import EmptyInput, MemlensError, NumericalError
+
+DEFAULT_SAMPLES = 1000  # corpus samples (texts)
+DEFAULT_MAX_LEN = 256  # tokens per sample, further capped by the model's context
+DEFAULT_BATCH_TOKENS = 2048  # padded tokens per forward pass
+CHECKPOINT_EVERY = 20  # batches between checkpoints of the partial sums
+
+
+@dataclass
+class KeyStats:
+    """Uncentered second moment of the keys of one layer: C = (1/N) Σ_t k_t k_tᵀ."""
+
+    layer: int
+    mom2: torch.Tensor  # C, (d_ff, d_ff) float64
+    count: int  # N, tokens averaged
+    corpus: str = ""  # corpus key (name + content hash)
+    n_samples: int = 0  # samples requested
+    fingerprint: str = ""  # model fingerprint the keys were read from
+
+    def check_finite(self) -> None:
+        """Raise NumericalError if C holds NaN/inf (e.g. a corrupted cache or model)."""
+        if not torch.isfinite(self.mom2).all():
+            raise NumericalError(f"key statistics of layer {self.layer} contain NaN/inf "
+                                 f"(corpus {self.corpus!r}); no weights were changed")
+
+    def meta(self) -> dict[str, Any]:
+        return {"layer": self.layer, "count": self.count, "corpus": self.corpus,
+                "n_samples": self.n_samples, "fingerprint": self.fingerprint,
+                "d_ff": int(self.mom2.shape[0]), "trace": float(self.mom2.trace())}
+
+
+def memlens_cache_root() -> Path:
+    """``$MEMLENS_HOME`` or ``~/.cache/memlens``."""
+    return Path(os.environ.get("MEMLENS_HOME") or Path.home() / ".cache" / "memlens")
+
+
+# ── corpora ──────────────────────────────────────────────────────────────────
+
+
+def load_corpus(handle: Any, corpus: str | Path | None, n_samples: int) -> tuple[list[str], str]:
+    """The first ``n_samples`` texts of ``corpus`` and a key naming its content."""
+    if corpus is None:
+        if handle.source_dir is None or not (handle.source_dir / "corpus.txt").is_file():
+            raise MemlensError(f"model {handle.ref!r} has no corpus.txt; pass a corpus "
+                               "(--corpus FILE, a dataset directory or a HF dataset name)")
+        corpus = handle.source_dir / "corpus.txt"
+    path = Path(corpus).expanduser()
+    if path.is_dir() and (path / "corpus.txt").is_file():
+        path = path / "corpus.txt"
+    if path.is_file():
+        texts = _read_text_file(path, n_samples)
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+        key = f"{path.stem}-{digest}"
+    elif path.is_dir():
+        texts = _dataset_texts(str(path), n_samples, local=True)
+        key = f"{path.name}-{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]}"
+    else:
+        texts = _dataset_texts(str(corpus), n_samples, local=False)
+        key = str(corpus).replace("/", "_").replace(":", "_")
+    if not texts:
+        raise EmptyInput(f"corpus {str(corpus)!r} holds no text")
+    return texts, key
+
+
+def _read_text_file(path: Path, n_samples: int) -> list[str]:
+    if path.suffix in (".json", ".jsonl"):
+        try:
+            if path.suffix == ".jsonl":
+                records = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+            else:
+                records = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise MemlensError(f"corpus {path}: invalid JSON ({exc})") from None
+        if not isinstance(records, list):
+            raise MemlensError(f"corpus {path}: expected a list of texts or {{'text': ...}}")
+        texts = [r if isinstance(r, str) else r.get("text", "") for r in records]
+    else:
+        texts = path.read_text().splitlines()
+    return [t for t in texts if t.strip()][:n_samples]
+
+
+def _dataset_texts(name: str, n_samples: int, *, local: bool) -> list[str]:
+    try:
+        import datasets
+    except ImportError:
+        raise MemlensError(f"corpus {name!r} is not a file; reading Hugging Face datasets needs "
+                           "`pip install datasets` (or pass a text/JSONL file)") from None
+    try:
+        if local:
+            ds = datasets.load_from_disk(name)
+            ds = ds["train"] if isinstance(ds, datasets.DatasetDict) else ds
+        else:
+            repo, _, config = name.partition(":")
+            ds = datasets.load_dataset(repo, config or None, split="train", streaming=True)
+    except Exception as exc:  # noqa: BLE001 - datasets raises many types; report one line
+        raise MemlensError(f"cannot load dataset {name!r}: {str(exc).splitlines()[0]}") from None
+    texts = []
+    for row in ds:
+        if row.get("text", "").strip():
+            texts.append(row["text"])
+        if len(texts) >= n_samples:
+            break
+    return texts
+
+
+def token_batches(tokenizer, texts: Sequence[str], max_len: int,
+                  batch_tokens: int) -> list[list[list[int]]]:
+    """Tokenize (truncating to ``max_len``) and group consecutive samples into batches whose
+    padded size (rows × longest row) stays within ``batch_tokens``."""
+    batches: list[list[list[int]]] = []
+    current: list[list[int]] = []
+    width = 0
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"][:max_len]
+        if not ids:
+            continue
+        new_width = max(width, len(ids))
+        if current and new_width * (len(current) + 1) > batch_tokens:
+            batches.append(current)
+            current, new_width = [], len(ids)
+        current.append(ids)
+        width = new_width
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+# ── the pass ─────────────────────────────────────────────────────────────────
+
+
+class _StopForward(Exception):
+    """Raised by the hook of the deepest requested layer: later layers need not run."""
+
+
+def layer_stats(
+    handle: Any,
+    layers: Iterable[int],
+    *,
+    corpus: str | Path | None = None,
+    n_samples: int = DEFAULT_SAMPLES,
+    batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    max_len: int = DEFAULT_MAX_LEN,
+    progress: bool = True,
+    cache: bool = True,
+    checkpoint_every: int = CHECKPOINT_EVERY,
+) -> dict[int, KeyStats]:
+    """C = E[k kᵀ] of the edited matrix's input for each of ``layers``, in one corpus pass.
+
+    Cached layers are loaded; the missing ones are computed together, with partial sums
+    checkpointed every ``checkpoint_every`` batches (an interrupted run resumes).
+
+        stats = layer_stats(handle, range(3, 9), corpus="wiki.txt", n_samples=5000)
+        C_inv_k = torch.linalg.solve(stats[5].mom2, k_star.double())
+    """
+    layers = sorted(set(int(layer) for layer in layers))
+    if not layers:
+        raise EmptyInput("no layers requested")
+    for layer in layers:
+        handle.arch.module_name(layer, "mlp_out")  # range check with a clear message
+    if n_samples < 1 or batch_tokens < 1 or max_len < 1:
+        raise MemlensError("n_samples, batch_tokens and max_len must be positive")
+    max_len = min(max_len, handle.max_length or max_len)
+    texts, corpus_key = load_corpus(handle, corpus, n_samples)
+    fingerprint = handle.fingerprint()
+    directory = memlens_cache_root() / "stats" / fingerprint / f"{corpus_key}-n{n_samples}-len{max_len}"
+    result: dict[int, KeyStats] = {}
+    if cache:
+        for layer in layers:
+            cached = _load(directory, layer)
+            if cached is not None:
+                result[layer] = cached
+    missing = [layer for layer in layers if layer not in result]
+    if missing:
+        computed = _collect(handle, missing, texts, max_len, batch_tokens, progress,
+                            directory if cache else None, checkpoint_every)
+        for layer, (mom2, count) in computed.items():
+            stats = KeyStats(layer, mom2, count, corpus_key, n_samples, fingerprint)
+            stats.check_finite()
+            if cache:
+                _save(directory, stats)
+            result[layer] = stats
+    for stats in result.values():
+        stats.check_finite()
+    return dict(sorted(result.items()))
+
+
+def _collect(handle: Any, layers: list[int], texts: list[str], max_len: int,
+             batch_tokens: int, progress: bool, directory: Path | None,
+             checkpoint_every: int) -> dict[int, tuple[torch.Tensor, int]]:
+    """Run the corpus once with a key-reading hook on every layer; return (C, N) per layer."""
+    from memlens import hooks
+
+    model, arch, tok = handle.model, handle.arch, handle.tokenizer
+    batches = token_batches(tok, texts, max_len, batch_tokens)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    devices = {layer: model.get_submodule(arch.module_name(layer, "mlp_out")).weight.device
+               for layer in layers}
+    d_ff = handle.d_ff
+    sums = {layer: torch.zeros(d_ff, d_ff, dtype=torch.float64, device=devices[layer])
+            for layer in layers}
+    count, start = 0, 0
+    partial = directory / f"partial-L{'-'.join(map(str, layers))}.pt" if directory else None
+    if partial is not None and partial.is_file():
+        saved = torch.load(partial, weights_only=True, map_location="cpu")
+        if saved["n_batches"] == len(batches):
+            sums = {layer: saved["sums"][layer].to(devices[layer]) for layer in layers}
+            count, start = int(saved["count"]), int(saved["done"])
+
+    mask_flat: dict[str, torch.Tensor] = {}
+    deepest = layers[-1]
+
+    def reader(layer: int):
+        def read(k: torch.Tensor) -> None:  # k: (B, T, d_ff)
+            keys = k.reshape(-1, k.shape[-1])[mask_flat["m"].to(k.device)].to(torch.float64)
+            sums[layer].addmm_(keys.T, keys)  # Σ k kᵀ over non-pad tokens
+            if layer == deepest:
+                raise _StopForward
+
+        return read
+
+    bar = _progress(progress, f"key statistics, layers {_ranges(layers)}", len(batches), start)
+    try:
+        with torch.no_grad(), hooks.hooked(model, {f"blocks.{layer}.mlp.hook_post": reader(layer)
+                                                   for layer in layers}):
+            for index in range(start, len(batches)):
+                ids, mask = _pad(batches[index], pad_id)
+                mask_flat["m"] = mask.reshape(-1).bool()
+                try:
+                    model(input_ids=ids.to(handle.device), attention_mask=mask.to(handle.device))
+                except _StopForward:
+                    pass
+                count += int(mask.sum())
+                if bar is not None:
+                    bar.advance()
+                if partial is not None and (index + 1) % checkpoint_every == 0 \
+                        and index + 1 < len(batches):
+                    _atomic_torch_save(partial, {"sums": {l: s.cpu() for l, s in sums.items()},
+                                                 "count": count, "done": index + 1,
+                                                 "n_batches": len(batches)})
+    finally:
+        if bar is not None:
+            bar.close()
+    if count == 0:
+        raise EmptyInput("the corpus produced no tokens")
+    if partial is not None:
+        partial.unlink(missing_ok=True)
+    return {layer: (sums[layer] / count, count) for layer in layers}
+
+
+class ProgressBar:
+    """A rich progress bar over batches (no-op wrapper so callers stay simple)."""
+
+    def __init__(self, title: str, total: int, done: int):
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                   TimeRemainingColumn)
+
+        self._progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                                  MofNCompleteColumn(), TimeRemainingColumn(), transient=True)
+        self._task = self._progress.add_task(title, total=total, completed=done)
+        self._progress.start()
+
+    def advance(self) -> None:
+        self._progress.advance(self._task)
+
+    def close(self) -> None:
+        self._progress.stop()
+
+
+def _progress(enabled: bool, title: str, total: int, done: int) -> ProgressBar | None:
+    return ProgressBar(title, total, done) if enabled else None
+
+
+def _ranges(layers: list[int]) -> str:
+    return f"{layers[0]}-{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1)) \
+        else ",".join(map(str, layers))
+
+
+def parse_layers(spec: str) -> list[int]:
+    """"3-8" → [3..8]; "2,5,7" → [2, 5, 7]; "4" → [4]."""
+    layers: list[int] = []
+    try:
+        for part in spec.split(","):
+            if "-" in part:
+                lo, hi = part.split("-")
+                layers.extend(range(int(lo), int(hi) + 1))
+            elif part.strip():
+                layers.append(int(part))
+    except ValueError:
+        raise MemlensError(f"cannot parse layers {spec!r}; use e.g. 3-8 or 2,5,7") from None
+    if not layers:
+        raise MemlensError(f"no layers in {spec!r}")
+    return sorted(set(layers))
+
+
+# ── cache files (atomic) ─────────────────────────────────────────────────────
+
+
+def _atomic_torch_save(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _save(directory: Path, stats: KeyStats) -> None:
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"layer{stats.layer}.safetensors"
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        meta = {k: str(v) for k, v in stats.meta().items()}
+        save_file({"mom2": stats.mom2.cpu().contiguous()}, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load(directory: Path, layer: int) -> KeyStats | None:
+    from safetensors import safe_open
+
+    path = directory / f"layer{layer}.safetensors"
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        mom2 = f.get_tensor("mom2")
+    return KeyStats(layer, mom2, int(meta["count"]), meta["corpus"], int(meta["n_samples"]),
+                    meta["fingerprint"])
