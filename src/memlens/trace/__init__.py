@@ -1,0 +1,30 @@
+"""Causal tracing (Meng et al. 2022, §2): where in the network a model recalls a fact.
+
+    from memlens.trace import trace_fact, average_trace, best_layer
+    result = trace_fact(handle, "Toulouse is a city in", "Toulouse")    # hidden, mlp, attn
+    avg = average_trace(handle, facts)                                   # AIE per token group
+    avg.recall_site()                                                    # summary for organisms
+
+Modules: :mod:`~memlens.trace.noise` (the corruption), :mod:`~memlens.trace.runs` (clean,
+corrupted and restored runs, the fast batched algorithm, severed runs),
+:mod:`~memlens.trace.average` (AIE/ATE over many facts), :mod:`~memlens.trace.plot`
+(heatmaps and line plots), :mod:`~memlens.trace.reference` (the naive algorithm, for checks).
+"""
+
+from memlens.trace.average import GROUPS, AverageTrace, average_trace, load_facts
+from memlens.trace.noise import NoiseSpec, noise_scale
+from memlens.trace.runs import (
+    ALL_KINDS,
+    KINDS,
+    SEVERED_KINDS,
+    TraceResult,
+    best_layer,
+    severed_trace,
+    trace_fact,
+)
+
+__all__ = [
+    "ALL_KINDS", "GROUPS", "KINDS", "SEVERED_KINDS", "AverageTrace", "NoiseSpec",
+    "TraceResult", "average_trace", "best_layer", "load_facts", "noise_scale",
+    "severed_trace", "trace_fact",
+]

@@ -1,0 +1,251 @@
+"""Average causal effects over many facts (Meng et al. 2022, §2.1, Fig. 2).
+
+    facts = load_facts("known_facts.json")          # [{prompt, subject, attribute?}, ...]
+    avg = average_trace(handle, facts, n=200)
+    avg.aie["mlp"][GROUPS.index("last_subject")]    # AIE per layer at the last subject token
+    avg.ate, avg.n_skipped_wrong
+    avg.recall_site()                                # the summary the organisms report
+
+Every token of every traced fact falls in one of six groups: the first, middle and last subject
+token, the first token after the subject, further tokens, and the prompt's last token (a
+one-token subject counts as both first and last subject token, as in the reference notebook;
+so does a token that is both the first subsequent and the last token). The average indirect
+effect AIE[kind][group, l] is the mean over all tokens of the group of
+IE = p_restored − p_corrupted (each token with its own fact's p_corrupted); the average total
+effect ATE is the mean of p_clean − p_corrupted over facts. Facts whose ``attribute`` is not the
+model's top next token are skipped and counted (the paper traces only known facts), as are
+facts whose subject is not in the prompt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from memlens.errors import EmptyInput, MemlensError, SubjectNotFound
+from memlens.tokens import target_ids
+from memlens.trace.noise import NoiseArg, resolve_noise
+from memlens.trace.runs import KINDS, TraceResult, check_kinds, trace_fact
+
+if TYPE_CHECKING:
+    from memlens.model import ModelHandle
+
+GROUPS = ("first_subject", "middle_subject", "last_subject", "first_subsequent", "further",
+          "last")
+GROUP_LABELS = ("First subject token", "Middle subject tokens", "Last subject token",
+                "First subsequent token", "Further tokens", "Last token")
+
+
+def load_facts(path: str | Path) -> list[dict[str, str]]:
+    """Facts from a JSON list: known-facts format ({prompt, subject, attribute}) or CounterFact
+    ({requested_rewrite: {prompt, subject, target_true: {str}}}); "{}" in a prompt is filled
+    with the subject."""
+    path = Path(path)
+    try:
+        records = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise MemlensError(f"cannot read facts from {path}: {exc}") from None
+    if not isinstance(records, list):
+        raise MemlensError(f"{path} must hold a JSON list of facts")
+    facts = []
+    for i, record in enumerate(records):
+        rewrite = record.get("requested_rewrite", record)
+        prompt, subject = rewrite.get("prompt"), rewrite.get("subject")
+        if not prompt or not subject:
+            raise MemlensError(f"fact {i} of {path} lacks a prompt or subject: {record!r:.200}")
+        attribute = rewrite.get("attribute") or (rewrite.get("target_true") or {}).get("str")
+        fact = {"prompt": prompt.format(subject) if "{}" in prompt else prompt,
+                "subject": subject}
+        if attribute:
+            fact["attribute"] = attribute
+        facts.append(fact)
+    return facts
+
+
+def token_groups(n_tokens: int, subject_range: Sequence[int]) -> dict[str, list[int]]:
+    """Token positions of each of the six groups for a prompt (see module docstring)."""
+    first_e, end_e = int(subject_range[0]), int(subject_range[1])
+    last_e, last = end_e - 1, n_tokens - 1
+    groups = {
+        "first_subject": [first_e],
+        "middle_subject": list(range(first_e + 1, last_e)),
+        "last_subject": [last_e],
+        "first_subsequent": [end_e] if end_e <= last else [],
+        "further": list(range(end_e + 1, last)),
+        "last": [last],
+    }
+    return groups
+
+
+@dataclass
+class AverageTrace:
+    """Average indirect effects (per kind: GROUPS × layers) and total effect over facts."""
+
+    kinds: list[str]
+    n_layers: int
+    aie: dict[str, np.ndarray]  # kind → (len(GROUPS), n_layers)
+    group_counts: dict[str, int]  # token instances per group
+    ate: float  # mean p_clean − p_corrupted
+    p_clean: float  # mean over facts
+    p_corrupted: float
+    n_facts: int  # facts traced
+    n_skipped_wrong: int  # the model's top token was not the fact's attribute
+    n_skipped_invalid: int  # subject not found in the prompt, or empty
+    noise: float
+    samples: int
+    skipped: list[dict[str, str]] = field(default_factory=list)  # prompt, subject, reason
+
+    def effect(self, kind: str, group: str) -> np.ndarray:
+        """AIE per layer of ``kind`` at token ``group``."""
+        return self.aie[kind][GROUPS.index(group)]
+
+    def recall_site(self) -> dict[str, Any]:
+        """Where recall happens: AIE at the last subject token and at the last token (max over
+        layers, and that layer) for each kind, with TE and the fact counts.
+
+            {"aie_last_subject_token": {"mlp": {"max": 0.21, "layer": 2}, ...},
+             "aie_last_token": {...}, "te": 0.6, "n_facts": 200, "n_skipped": 3}
+        """
+        def peak(group: str) -> dict[str, dict[str, float | int]]:
+            out = {}
+            for kind in self.kinds:
+                curve = self.effect(kind, group)
+                layer = int(np.nanargmax(curve)) if not np.all(np.isnan(curve)) else -1
+                out[kind] = {"max": float(curve[layer]) if layer >= 0 else float("nan"),
+                             "layer": layer}
+            return out
+
+        return {
+            "aie_last_subject_token": peak("last_subject"),
+            "aie_last_token": peak("last"),
+            "te": self.ate,
+            "n_facts": self.n_facts,
+            "n_skipped": self.n_skipped_wrong + self.n_skipped_invalid,
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready dict (``trace_avg.json``)."""
+        return {
+            "kinds": self.kinds, "groups": list(GROUPS), "n_layers": self.n_layers,
+            "aie": {k: v.tolist() for k, v in self.aie.items()},
+            "group_counts": self.group_counts, "ate": self.ate, "p_clean": self.p_clean,
+            "p_corrupted": self.p_corrupted, "n_facts": self.n_facts,
+            "n_skipped_wrong": self.n_skipped_wrong, "n_skipped_invalid": self.n_skipped_invalid,
+            "noise": self.noise, "samples": self.samples, "skipped": self.skipped,
+            "recall_site": self.recall_site(),
+        }
+
+
+def average_trace(handle: ModelHandle, facts: Sequence[dict[str, str]], *, n: int | None = None,
+                  kinds: Sequence[str] = KINDS, samples: int = 10, noise: NoiseArg = None,
+                  seed: int = 0, window: int = 10, progress: bool = True,
+                  resume: str | Path | None = None) -> AverageTrace:
+    """Trace the first ``n`` facts (all if None) and average their effects per token group.
+
+    ν is computed once over all the facts' subjects (unless ``noise`` gives it). With
+    ``resume`` (a .jsonl path), each fact's trace is appended as it completes and facts already
+    there are not traced again, so an interrupted run continues where it stopped.
+
+        avg = average_trace(handle, load_facts("known_facts.json"), n=200)
+        avg.recall_site()["aie_last_subject_token"]["mlp"]
+    """
+    kinds = check_kinds(kinds)
+    facts = list(facts)[:n] if n is not None else list(facts)
+    if not facts:
+        raise EmptyInput("no facts to trace")
+    spec = resolve_noise(handle, noise, [f["subject"] for f in facts if f.get("subject")])
+    done = _read_resume(resume)
+    settings = json.dumps([handle.fingerprint(), kinds, samples, spec.scale, spec.dist, seed,
+                           window])
+    L = handle.n_layers
+    sums = {k: np.zeros((len(GROUPS), L)) for k in kinds}
+    counts = dict.fromkeys(GROUPS, 0)
+    p_clean, p_corrupted, skipped = [], [], []
+    n_wrong = n_invalid = 0
+    for fact in _progress(facts, progress, "tracing facts"):
+        key = hashlib.sha256(json.dumps([settings, fact], sort_keys=True).encode()).hexdigest()
+        record = done.get(key) or _trace_one(handle, fact, kinds, samples, spec, seed, window)
+        if key not in done:
+            _append_resume(resume, {"key": key, **record})
+        if "skipped" in record:
+            n_wrong += record["skipped"] == "wrong"
+            n_invalid += record["skipped"] != "wrong"
+            skipped.append({"prompt": fact.get("prompt", ""), "subject": fact.get("subject", ""),
+                            "reason": record["reason"]})
+            continue
+        result = TraceResult.from_json(record["result"])
+        p_clean.append(result.p_clean)
+        p_corrupted.append(result.p_corrupted)
+        for g, (group, tokens) in enumerate(
+                token_groups(len(result.tokens), result.subject_range).items()):
+            counts[group] += len(tokens)
+            for kind in kinds:
+                sums[kind][g] += result.indirect_effect(kind)[tokens].sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        aie = {k: sums[k] / np.array([counts[g] for g in GROUPS], dtype=float)[:, None]
+               for k in kinds}
+    mean = (lambda xs: float(np.mean(xs)) if xs else float("nan"))
+    return AverageTrace(
+        kinds=list(kinds), n_layers=L, aie=aie, group_counts=counts,
+        ate=mean(p_clean) - mean(p_corrupted), p_clean=mean(p_clean),
+        p_corrupted=mean(p_corrupted), n_facts=len(p_clean), n_skipped_wrong=n_wrong,
+        n_skipped_invalid=n_invalid, noise=spec.scale, samples=samples, skipped=skipped,
+    )
+
+
+def _trace_one(handle, fact, kinds, samples, spec, seed, window) -> dict[str, Any]:
+    """Trace one fact, or say why it was skipped ({"skipped": "wrong"|"invalid", "reason"})."""
+    prompt, subject = fact.get("prompt", ""), fact.get("subject", "")
+    prompt = prompt.format(subject) if "{}" in prompt else prompt
+    try:
+        attribute = fact.get("attribute")
+        if attribute:
+            with torch.no_grad():
+                top = int(handle.logits([prompt])[0, -1].argmax())
+            expected = {target_ids(handle.tokenizer, attribute, prefix_space=space)[0]
+                        for space in (True, False)}
+            if top not in expected:
+                return {"skipped": "wrong", "reason": f"model predicts "
+                        f"{handle.tokenizer.decode([top])!r}, not {attribute!r}"}
+        result = trace_fact(handle, prompt, subject, kinds=kinds, samples=samples, noise=spec,
+                            seed=seed, window=window)
+    except (SubjectNotFound, EmptyInput) as exc:
+        return {"skipped": "invalid", "reason": str(exc)}
+    return {"result": result.to_json()}
+
+
+def _read_resume(path: str | Path | None) -> dict[str, dict[str, Any]]:
+    if path is None or not Path(path).is_file():
+        return {}
+    done = {}
+    for line in Path(path).read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by an interrupt: trace that fact again
+            continue
+        done[record.pop("key")] = record
+    return done
+
+
+def _append_resume(path: str | Path | None, record: dict[str, Any]) -> None:
+    if path is None:
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def _progress(items: list, enabled: bool, label: str):
+    if not enabled:
+        yield from items
+        return
+    from rich.progress import track
+
+    yield from track(items, description=label)

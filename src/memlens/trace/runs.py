@@ -1,0 +1,420 @@
+"""Causal tracing of one fact: clean, corrupted and restored runs (Meng et al. 2022, §2).
+
+    result = trace_fact(handle, "Toulouse is a city in", "Toulouse")
+    result.scores["mlp"]          # (tokens, layers): P(answer) with a window of MLPs restored
+    result.p_clean, result.p_corrupted, result.answer
+
+Three runs per fact. The *clean* run reads the prompt as is and fixes the answer (the clean
+run's top token unless given). The *corrupted* run adds noise ν·ε (:mod:`memlens.trace.noise`)
+to the subject tokens' embeddings, S samples. A *restored* run is a corrupted run in which the
+clean value of one site at one token is written back:
+
+| kind           | written back at token t for "layer" l                                  |
+|----------------|------------------------------------------------------------------------|
+| ``hidden``     | the output of block l (the residual stream h_t^(l))                    |
+| ``mlp``        | MLP outputs of layers max(0, l − w/2) .. min(L, l + w/2) − 1 (w=window) |
+| ``attn``       | attention outputs of the same window of layers                         |
+| ``severed_mlp``  | h_t^(l), while every MLP output at t stays at its corrupted value    |
+| ``severed_attn`` | h_t^(l), while every attention output at t stays corrupted           |
+
+The score of a run is P(answer) at the last position, averaged over the S samples.
+
+**Speed.** The naive algorithm (:mod:`memlens.trace.reference`) runs the whole model once per
+(token, layer, kind). Here the clean and corrupted runs are computed once, and for each token t
+all restorations of every kind run in one batched forward pass (chunked by ``batch_size``
+rows), which only computes positions ≥ t: positions < t are unchanged by a restoration at t, so
+their keys/values come from the corrupted run's KV cache (Hugging Face's own incremental
+decoding, so every architecture works). Restorations before the subject are no-ops (the noise
+cannot reach them): their score is p_corrupted without a forward pass. Identical
+restorations (e.g. the clipped MLP windows of a shallow model) are computed once. Only the last
+position's logits are computed. The result equals the naive loop (tests check 1e-5).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from memlens import hooks
+from memlens.errors import MemlensError
+from memlens.tokens import Span, subject_span, target_ids
+from memlens.trace.noise import NoiseArg, NoiseSpec, draw_noise, resolve_noise
+
+if TYPE_CHECKING:
+    from memlens.model import ModelHandle
+
+KINDS = ("hidden", "mlp", "attn")
+SEVERED_KINDS = ("severed_mlp", "severed_attn")
+ALL_KINDS = KINDS + SEVERED_KINDS
+
+#: A site is a (component, layer) whose output can be restored or frozen at one token.
+Site = tuple[str, int]
+_HOOK_NAMES = {
+    "hidden": "blocks.{}.hook_resid_post",
+    "mlp": "blocks.{}.hook_mlp_out",
+    "attn": "blocks.{}.hook_attn_out",
+}
+
+
+def site_hook(site: Site) -> str:
+    """Hook name of a site, e.g. ("mlp", 3) → "blocks.3.hook_mlp_out"."""
+    component, layer = site
+    return _HOOK_NAMES[component].format(layer)
+
+
+def window_layers(center: int, n_layers: int, window: int) -> range:
+    """Layers restored together for window kinds: max(0, c − w//2) .. min(L, c + ⌈w/2⌉) − 1."""
+    return range(max(0, center - window // 2), min(n_layers, center - (-window // 2)))
+
+
+@dataclass(frozen=True)
+class Restoration:
+    """One restored run at one token: sites written back to their clean values (``restore``)
+    and sites held at their corrupted values (``freeze``, for severed runs; a site in both
+    stays corrupted, as in the reference code)."""
+
+    restore: frozenset[Site]
+    freeze: frozenset[Site] = frozenset()
+
+
+def restoration(kind: str, layer: int, n_layers: int, window: int) -> Restoration:
+    """The restoration that ``kind`` performs for ``layer`` (see the module docstring)."""
+    if kind == "hidden":
+        return Restoration(frozenset({("hidden", layer)}))
+    if kind in ("mlp", "attn"):
+        return Restoration(frozenset((kind, j) for j in window_layers(layer, n_layers, window)))
+    if kind in SEVERED_KINDS:
+        frozen = kind.removeprefix("severed_")
+        return Restoration(frozenset({("hidden", layer)}),
+                           frozenset((frozen, j) for j in range(n_layers)))
+    raise MemlensError(f"unknown trace kind {kind!r}; expected one of {', '.join(ALL_KINDS)}")
+
+
+def check_kinds(kinds: Iterable[str]) -> tuple[str, ...]:
+    """Validate kind names ("all" expands to hidden, mlp, attn)."""
+    out: list[str] = []
+    for kind in kinds:
+        names = KINDS if kind == "all" else (kind,)
+        for name in names:
+            if name not in ALL_KINDS:
+                raise MemlensError(f"unknown trace kind {name!r}; expected one of "
+                                   f"{', '.join(ALL_KINDS)} or 'all'")
+            if name not in out:
+                out.append(name)
+    if not out:
+        raise MemlensError("no trace kind given")
+    return tuple(out)
+
+
+# ── inputs shared by the fast and the naive algorithm ────────────────────────
+
+
+@dataclass
+class TraceInputs:
+    """Everything that defines a trace before any restoration."""
+
+    input_ids: torch.Tensor  # (1, T)
+    span: Span  # subject tokens [start, end)
+    answer_id: int  # token whose probability is the score
+    noise_spec: NoiseSpec
+    noise: torch.Tensor  # (S, n_subject_tokens, d_model): ν·ε added to the subject embeddings
+    p_clean: float  # P(answer) of the clean run
+
+    @property
+    def samples(self) -> int:
+        return int(self.noise.shape[0])
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.input_ids.shape[1])
+
+
+def trace_inputs(handle: ModelHandle, prompt: str, subject: str, *, samples: int = 10,
+                 noise: NoiseArg | NoiseSpec = None, seed: int = 0,
+                 answer: str | None = None) -> TraceInputs:
+    """Tokenize, locate the subject, run the clean model once, fix the answer and draw noise."""
+    if samples < 1:
+        raise MemlensError(f"samples must be ≥ 1, got {samples}")
+    span = subject_span(handle.tokenizer, prompt, subject)
+    input_ids = handle.encode([prompt]).input_ids
+    spec = noise if isinstance(noise, NoiseSpec) else resolve_noise(handle, noise, [subject])
+    with torch.no_grad():
+        logits = handle.model(input_ids=input_ids, use_cache=False).logits[0, -1]
+    probs = torch.softmax(logits, dim=-1)
+    if answer is None:
+        answer_id = int(probs.argmax())
+    else:
+        answer_id = target_ids(handle.tokenizer, answer)[0]
+    eps = draw_noise(spec, samples, span.end - span.start, handle.d_model, seed=seed,
+                     dtype=handle.dtype, device=handle.device)
+    return TraceInputs(input_ids, span, answer_id, spec, eps, float(probs[answer_id]))
+
+
+def add_noise_hook(noise_rows: torch.Tensor, span: Span, offset: int, length: int):
+    """Hook fn adding ``noise_rows`` (B, n_subj, d) to the subject positions of an embedding
+    output that covers absolute positions ``offset .. offset+length−1``."""
+    lo, hi = max(span.start, offset), min(span.end, offset + length)
+    if lo >= hi:
+        return None
+
+    def corrupt(embedded: torch.Tensor) -> torch.Tensor:
+        out = embedded.clone()
+        out[:, lo - offset:hi - offset] += noise_rows[:, lo - span.start:hi - span.start]
+        return out
+
+    return corrupt
+
+
+# ── results ──────────────────────────────────────────────────────────────────
+
+
+@dataclass
+class TraceResult:
+    """A causal trace of one fact. ``scores[kind][t, l]`` = P(answer) after restoring (t, l).
+
+    Unrestored entries (positions not traced) are NaN (``null`` in JSON).
+    """
+
+    prompt: str
+    subject: str
+    tokens: list[str]
+    input_ids: list[int]
+    subject_range: tuple[int, int]  # [first, last + 1)
+    answer: str
+    answer_id: int
+    p_clean: float  # P(answer), clean run
+    p_corrupted: float  # P(answer), corrupted run, mean over samples
+    noise: float  # ν
+    noise_dist: str
+    samples: int
+    seed: int
+    window: int
+    scores: dict[str, np.ndarray] = field(default_factory=dict)  # kind → (T, L)
+
+    @property
+    def total_effect(self) -> float:
+        """TE = p_clean − p_corrupted."""
+        return self.p_clean - self.p_corrupted
+
+    def indirect_effect(self, kind: str) -> np.ndarray:
+        """IE[t, l] = p_restored − p_corrupted for ``kind``."""
+        return self.scores[kind] - self.p_corrupted
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (the ``trace.json`` format, see docs/tracing.md)."""
+        return {
+            "prompt": self.prompt, "subject": self.subject, "tokens": self.tokens,
+            "input_ids": self.input_ids, "subject_range": list(self.subject_range),
+            "answer": self.answer, "answer_id": self.answer_id,
+            "p_clean": self.p_clean, "p_corrupted": self.p_corrupted,
+            "total_effect": self.total_effect,
+            "noise": self.noise, "noise_dist": self.noise_dist, "samples": self.samples,
+            "seed": self.seed, "window": self.window, "kinds": list(self.scores),
+            "scores": {k: _nan_to_none(v) for k, v in self.scores.items()},
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TraceResult:
+        """Inverse of :meth:`to_json`."""
+        fields = {k: data[k] for k in (
+            "prompt", "subject", "tokens", "input_ids", "answer", "answer_id", "p_clean",
+            "p_corrupted", "noise", "noise_dist", "samples", "seed", "window")}
+        scores = {k: np.array(v, dtype=float) for k, v in data["scores"].items()}
+        return cls(**fields, subject_range=tuple(data["subject_range"]), scores=scores)
+
+    def save(self, path: str | Path) -> Path:
+        """Write :meth:`to_json` to ``path``."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_json(), indent=1))
+        return path
+
+
+def _nan_to_none(matrix: np.ndarray) -> list[list[float | None]]:
+    return [[None if np.isnan(x) else float(x) for x in row] for row in matrix]
+
+
+# ── the fast algorithm ───────────────────────────────────────────────────────
+
+
+@dataclass
+class _Runs:
+    """Clean site values (T, d) and corrupted ones (S, T, d), read once per trace."""
+
+    clean: dict[Site, torch.Tensor]
+    corrupted: dict[Site, torch.Tensor]
+    p_corrupted: float
+
+
+def _base_runs(handle: ModelHandle, inp: TraceInputs, freeze_sites: set[Site]) -> _Runs:
+    model, n_layers = handle.model, handle.n_layers
+    sites = [(c, layer) for c in _HOOK_NAMES for layer in range(n_layers)]
+    with torch.no_grad():
+        with hooks.capture(model, [site_hook(s) for s in sites]) as cache:
+            model(input_ids=inp.input_ids, use_cache=False, logits_to_keep=1)
+        clean = {s: cache[site_hook(s)][0] for s in sites}
+        ids = inp.input_ids.expand(inp.samples, -1)
+        corrupt = add_noise_hook(inp.noise, inp.span, 0, inp.n_tokens)
+        frozen = sorted(freeze_sites)
+        with hooks.hooked(model, {"hook_embed": corrupt}), \
+                hooks.capture(model, [site_hook(s) for s in frozen]) as cache:
+            logits = model(input_ids=ids, use_cache=False, logits_to_keep=1).logits[:, -1]
+        corrupted = {s: cache[site_hook(s)] for s in frozen}
+    p_corrupted = float(torch.softmax(logits, dim=-1)[:, inp.answer_id].mean())
+    return _Runs(clean, corrupted, p_corrupted)
+
+
+def _restored_scores(handle: ModelHandle, inp: TraceInputs, runs: _Runs, token: int,
+                     restorations: Sequence[Restoration]) -> list[float]:
+    """P(answer) of each restoration at ``token``, in one forward pass over positions ≥ token.
+
+    Rows are laid out restoration-major: row r·S + s is restoration r with noise sample s.
+    """
+    model, S = handle.model, inp.samples
+    R = len(restorations)
+    sample_of_row = torch.arange(R * S, device=handle.device) % S
+    suffix = inp.input_ids[:, token:].expand(R * S, -1)
+    past = _corrupted_prefix_cache(handle, inp, token, sample_of_row)
+    fns: dict[str, Any] = {}
+    corrupt = add_noise_hook(inp.noise[sample_of_row], inp.span, token, suffix.shape[1])
+    if corrupt is not None:
+        fns["hook_embed"] = corrupt
+    for site in sorted({s for r in restorations for s in r.restore | r.freeze}):
+        restore_rows = _rows(restorations, S, lambda r, site=site: site in r.restore
+                             and site not in r.freeze)
+        freeze_rows = _rows(restorations, S, lambda r, site=site: site in r.freeze)
+        clean = runs.clean[site][token]
+        frozen = (runs.corrupted[site][sample_of_row[freeze_rows], token]
+                  if len(freeze_rows) else None)
+        fns[site_hook(site)] = _write_rows(restore_rows, clean, freeze_rows, frozen)
+    with torch.no_grad(), hooks.hooked(model, fns):
+        logits = model(input_ids=suffix, past_key_values=past, use_cache=past is not None,
+                       logits_to_keep=1).logits[:, -1]
+    probs = torch.softmax(logits, dim=-1)[:, inp.answer_id].reshape(R, S).mean(dim=1)
+    return probs.tolist()
+
+
+def _rows(restorations: Sequence[Restoration], samples: int, predicate) -> torch.Tensor:
+    picked = [r * samples + s for r, rest in enumerate(restorations) if predicate(rest)
+              for s in range(samples)]
+    return torch.tensor(picked, dtype=torch.long)
+
+
+def _write_rows(restore_rows: torch.Tensor, clean: torch.Tensor, freeze_rows: torch.Tensor,
+                frozen: torch.Tensor | None):
+    """Hook fn writing the clean vector into ``restore_rows`` and the corrupted vectors
+    ``frozen`` into ``freeze_rows`` at the suffix's first position (the restored token)."""
+
+    def write(tensor: torch.Tensor) -> torch.Tensor:
+        out = tensor.clone()
+        if len(restore_rows):
+            out[restore_rows.to(out.device), 0] = clean.to(out.dtype)
+        if frozen is not None:
+            out[freeze_rows.to(out.device), 0] = frozen.to(out.dtype)
+        return out
+
+    return write
+
+
+def _corrupted_prefix_cache(handle: ModelHandle, inp: TraceInputs, token: int,
+                            sample_of_row: torch.Tensor):
+    """KV cache of the corrupted run over positions < ``token``, one row per batch row."""
+    if token == 0:
+        return None
+    prefix = inp.input_ids[:, :token].expand(inp.samples, -1)
+    corrupt = add_noise_hook(inp.noise, inp.span, 0, token)
+    with torch.no_grad(), hooks.hooked(handle.model, {"hook_embed": corrupt} if corrupt else {}):
+        past = handle.model(input_ids=prefix, use_cache=True, logits_to_keep=1).past_key_values
+    if past is None or not hasattr(past, "reorder_cache"):
+        raise MemlensError(f"{handle.arch.model_type} returned no reorderable KV cache; "
+                           "causal tracing needs one (use_cache=True)")
+    past.reorder_cache(sample_of_row)
+    return past
+
+
+def trace_fact(handle: ModelHandle, prompt: str, subject: str, *,
+               kinds: Sequence[str] = KINDS, samples: int = 10,
+               noise: NoiseArg | NoiseSpec = None, seed: int = 0, window: int = 10,
+               answer: str | None = None, positions: Sequence[int] | None = None,
+               batch_size: int = 512) -> TraceResult:
+    """Causal trace of one fact: P(answer) after restoring each (token, layer), per kind.
+
+    ``kinds``: any of hidden, mlp, attn, severed_mlp, severed_attn ("all" = the first three).
+    ``noise``: None (ν = 3σ of subject embeddings, see :func:`resolve_noise`), a float ν, or
+    "uniform". ``answer``: the token scored (default: the clean run's top token).
+    ``positions``: tokens to trace (default: all; others are NaN). ``batch_size``: rows per
+    forward pass (restorations × samples).
+
+        result = trace_fact(handle, "Toulouse is a city in", "Toulouse", kinds=("mlp",))
+        result.scores["mlp"].shape      # (n_tokens, n_layers)
+    """
+    kinds = check_kinds(kinds)
+    if window < 1:
+        raise MemlensError(f"window must be ≥ 1, got {window}")
+    inp = trace_inputs(handle, prompt, subject, samples=samples, noise=noise, seed=seed,
+                       answer=answer)
+    T, L = inp.n_tokens, handle.n_layers
+    positions = list(range(T)) if positions is None else list(positions)
+    for t in positions:
+        if not 0 <= t < T:
+            raise MemlensError(f"position {t} is outside the prompt {prompt!r} ({T} tokens)")
+    plan = {(kind, layer): restoration(kind, layer, L, window)
+            for kind in kinds for layer in range(L)}
+    freeze_sites = {s for r in plan.values() for s in r.freeze}
+    runs = _base_runs(handle, inp, freeze_sites)
+    scores = {kind: np.full((T, L), np.nan) for kind in kinds}
+    per_chunk = max(1, batch_size // inp.samples)
+    for t in positions:
+        if t < inp.span.start:  # the noise cannot reach token t: restoring it changes nothing
+            for kind in kinds:
+                scores[kind][t, :] = runs.p_corrupted
+            continue
+        unique = list(dict.fromkeys(plan.values()))
+        found: dict[Restoration, float] = {}
+        for i in range(0, len(unique), per_chunk):
+            chunk = unique[i:i + per_chunk]
+            found.update(zip(chunk, _restored_scores(handle, inp, runs, t, chunk), strict=True))
+        for (kind, layer), rest in plan.items():
+            scores[kind][t, layer] = found[rest]
+    ids = inp.input_ids[0].tolist()
+    return TraceResult(
+        prompt=prompt, subject=subject,
+        tokens=[handle.tokenizer.decode([i]) for i in ids], input_ids=ids,
+        subject_range=(inp.span.start, inp.span.end),
+        answer=handle.tokenizer.decode([inp.answer_id]), answer_id=inp.answer_id,
+        p_clean=inp.p_clean, p_corrupted=runs.p_corrupted, noise=inp.noise_spec.scale,
+        noise_dist=inp.noise_spec.dist, samples=inp.samples, seed=seed, window=window,
+        scores=scores,
+    )
+
+
+def severed_trace(handle: ModelHandle, prompt: str, subject: str, **kwargs: Any) -> TraceResult:
+    """Hidden-state trace plus the two severed traces (MLP / attention at the token frozen).
+
+    Accepts :func:`trace_fact`'s keywords except ``kinds``.
+
+        result = severed_trace(handle, "Toulouse is a city in", "Toulouse")
+        gap = result.scores["hidden"] - result.scores["severed_mlp"]   # what the MLPs carry
+    """
+    if "kinds" in kwargs:
+        raise MemlensError("severed_trace chooses its kinds itself (hidden, severed_mlp, "
+                           "severed_attn); use trace_fact for other kinds")
+    return trace_fact(handle, prompt, subject, kinds=("hidden",) + SEVERED_KINDS, **kwargs)
+
+
+def best_layer(handle: ModelHandle, prompt: str, subject: str, kind: str = "mlp",
+               **kwargs: Any) -> int:
+    """The layer where restoring ``kind`` at the subject's LAST token has the largest
+    indirect effect — the layer ROME edits when none is given.
+
+        layer = best_layer(handle, "Toulouse is a city in", "Toulouse")
+    """
+    last = subject_span(handle.tokenizer, prompt, subject).last
+    result = trace_fact(handle, prompt, subject, kinds=(kind,), positions=[last], **kwargs)
+    return int(np.argmax(result.scores[kind][last]))
