@@ -12,14 +12,29 @@ import torch.nn.functional as F
 
 from memlens.errors import EmptyInput, MemlensError
 from memlens.memorization import (
-    ContrastiveObjective, CorpusNotFound, Paragraph, ParagraphTooShort, evaluate,
-    exact_match_length, gradient_mask, greedy_continuation, head_analysis, kendall_tau,
-    kq_scores, load_paragraphs, paragraph_tensor, perturb, run_update, save_model, scan,
-    sparse_update, weight_slots,
+    ContrastiveObjective,
+    CorpusNotFound,
+    Paragraph,
+    ParagraphTooShort,
+    evaluate,
+    exact_match_length,
+    gradient_mask,
+    greedy_continuation,
+    head_analysis,
+    kendall_tau,
+    kq_scores,
+    load_paragraphs,
+    paragraph_tensor,
+    perturb,
+    run_update,
+    save_model,
+    scan,
+    sparse_update,
+    weight_slots,
 )
 from memlens.memorization.heads import dense_rank, prefix_attention
-from memlens.memorization.pipeline import Settings, run_all
 from memlens.memorization.perturb import swap_tokens
+from memlens.memorization.pipeline import Settings, run_all
 
 P, S = 10, 10  # short prefix / suffix for random models
 
@@ -330,14 +345,21 @@ def test_run_all_writes_summary_and_figures(handles, tmp_path):
     assert all(torch.equal(v, state[k]) for k, v in handle.model.state_dict().items())
 
 
-def test_save_model_never_overwrites(handles, tmp_path):
+def test_save_model_never_overwrites_and_keeps_the_edit_log(handles, tmp_path):
     handle = handles["gpt2"]
-    with pytest.raises(MemlensError, match="own directory"):
-        save_model(handle, handle.source_dir)
-    target = save_model(handle, tmp_path / "edited")
-    assert (target / "config.json").is_file()
-    with pytest.raises(MemlensError, match="not empty"):
-        save_model(handle, target)
+    mp, nmp = synthetic(handle, n=2)
+    result = run_update(handle, paragraph_tensor(mp), paragraph_tensor(nmp), prefix_len=P,
+                        fraction=0.01, lr=1e-2, steps=1)
+    try:
+        with pytest.raises(MemlensError, match="source model"):
+            save_model(handle, handle.source_dir, result.edit)
+        target = save_model(handle, tmp_path / "edited", result.edit)
+        log = json.loads((target / "edit_log.json").read_text())
+        assert log["edits"][0]["method"] == "memorization-unlearn"
+        with pytest.raises(MemlensError, match="not an empty"):
+            save_model(handle, target, result.edit)
+    finally:
+        result.edit.undo()
 
 
 # ── the `tiny` organism (built once per run; ~1 min the first time) ─────────────────────────

@@ -522,8 +522,9 @@ def _memorization_update(mode, model, corpus, out, as_json, device, prefix_len, 
     data = {r.method: {"before": r.before, "after": r.after, "n_weights": r.mask.n_selected}
             for r in results}
     if save:
-        data["saved"] = str(save_model(handle, save))
-        next(r for r in results if r.method == "sparse").edit.undo()
+        sparse = next(r for r in results if r.method == "sparse")
+        data["saved"] = str(save_model(handle, save, sparse.edit))
+        sparse.edit.undo()
     if as_json:
         print_json(data)
         return

@@ -18,22 +18,36 @@ token frequency), plots, pipeline (the CLI's steps).
 from memlens.memorization.attribute import AttributionResult, attribute, weight_slots
 from memlens.memorization.contrastive import ContrastiveObjective
 from memlens.memorization.data import (
-    CorpusNotFound, Paragraph, ParagraphTooShort, load_paragraphs, paragraph_tensor,
+    CorpusNotFound,
+    Paragraph,
+    ParagraphTooShort,
+    load_paragraphs,
+    paragraph_tensor,
 )
 from memlens.memorization.heads import HeadsResult, head_analysis, kendall_tau, kq_scores
 from memlens.memorization.perturb import PerturbResult, perturb
 from memlens.memorization.scan import (
-    ScanResult, evaluate, exact_match_length, greedy_continuation, scan, suffix_nll,
+    ScanResult,
+    evaluate,
+    exact_match_length,
+    greedy_continuation,
+    scan,
+    suffix_nll,
 )
 from memlens.memorization.sparse import (
-    SparseMask, UpdateResult, WeightEdit, compare_methods, gradient_mask, run_update,
-    save_model, sparse_update,
+    SparseMask,
+    UpdateResult,
+    compare_methods,
+    gradient_mask,
+    run_update,
+    save_model,
+    sparse_update,
 )
 
 __all__ = [
     "AttributionResult", "ContrastiveObjective", "CorpusNotFound", "HeadsResult", "Paragraph",
     "ParagraphTooShort", "PerturbResult", "ScanResult", "SparseMask", "UpdateResult",
-    "WeightEdit", "attribute", "compare_methods", "evaluate", "exact_match_length",
+    "attribute", "compare_methods", "evaluate", "exact_match_length",
     "gradient_mask", "greedy_continuation", "head_analysis", "kendall_tau", "kq_scores",
     "load_paragraphs", "paragraph_tensor", "perturb", "run_update", "save_model", "scan",
     "sparse_update", "suffix_nll", "weight_slots",

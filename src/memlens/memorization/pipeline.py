@@ -24,7 +24,12 @@ from memlens.memorization.heads import HeadsResult, head_analysis, kq_scores
 from memlens.memorization.perturb import PerturbResult, perturb
 from memlens.memorization.scan import NMP_MAX_EM, ScanResult, scan
 from memlens.memorization.sparse import (
-    FRACTION, LR, STEPS, WEIGHT_DECAY, UpdateResult, run_update,
+    FRACTION,
+    LR,
+    STEPS,
+    WEIGHT_DECAY,
+    UpdateResult,
+    run_update,
 )
 
 
@@ -84,7 +89,8 @@ def run_perturb(handle, paragraphs, out: Path, s: Settings,
                      batch_size=max(s.batch_size, 64), seed=s.seed, progress=s.progress)
     _write(out, "perturb.json", result.to_dict())
     with open(out / "pmp.jsonl", "w") as f:
-        for pid, ids, pos in zip(result.ids, result.pmp_ids.tolist(), result.pmp_position):
+        rows = zip(result.ids, result.pmp_ids.tolist(), result.pmp_position, strict=True)
+        for pid, ids, pos in rows:
             f.write(json.dumps({"id": pid, "position": pos, "token_ids": ids,
                                 "text": handle.tokenizer.decode(ids)}) + "\n")
     plots.plot_perturb(result, out / "perturb.png")
@@ -151,7 +157,7 @@ def run_updates(handle, paragraphs, out: Path, s: Settings, *,
     """Unlearn (or edit towards the PMP) with each method; ``{mode}.json``, ``{mode}.png``.
 
     Every method starts from the original weights; the method named ``keep`` stays applied
-    (its :class:`~memlens.memorization.sparse.WeightEdit` is in the result), the rest are undone.
+    (its :class:`~memlens.edit.ledger.EditHandle` is in the result), the rest are undone.
     """
     mp, nmp = _split(handle, paragraphs, out, s, scan_result)
     mp_ids, nmp_ids = paragraph_tensor(mp), paragraph_tensor(nmp)

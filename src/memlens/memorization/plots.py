@@ -94,7 +94,7 @@ def plot_attribution(result: AttributionResult, path: str | Path) -> Path:
     if result.contrastive is not None:
         panels.append((result.contrastive.values, "|∂CO/∂θ| contrastive objective", "viridis"))
     fig, axes = plt.subplots(len(panels) + 1, 1, figsize=(12, 2.6 * (len(panels) + 1)))
-    for ax, (values, title, cmap) in zip(axes, panels):
+    for ax, (values, title, cmap) in zip(axes, panels, strict=False):
         _heatmap(ax, fig, values.numpy(), result.columns, title, cmap)
     layers = range(len(result.mp.layer_sum))
     ax = axes[-1]

@@ -224,7 +224,7 @@ def scan(
     rows = [
         ScanRow(id=p.id, em=int(e), nll=round(float(n), 5), repeats=p.repeats,
                 label=classify(int(e), mp_min_em, nmp_max_em), continuation=c.tolist())
-        for p, e, n, c in zip(paragraphs, ev.em, ev.nll, ev.continuation)
+        for p, e, n, c in zip(paragraphs, ev.em, ev.nll, ev.continuation, strict=True)
     ]
     return ScanResult(rows, prefix_len, suffix_len, mp_min_em, nmp_max_em)
 

@@ -9,23 +9,22 @@ Stoehr et al. 2024 ยง5: the mask holds the global top ``fraction`` (0.1%) of |โ
 attention Q/K/V/O and MLP in/out weight matrices (no embeddings, biases or norms), computed once
 at step 0 and kept fixed; only masked entries are trained, with Adam (reference code: lr 1e-5,
 L2 weight decay 1.0, 5 steps). Weight decay is applied to the masked entries only (the gradient
-is masked after adding it), so every other entry stays bit-identical. Baselines: a random mask
+is masked after adding it), so every other entry stays bit-identical. Edits are recorded in
+memlens' undo ledger (:class:`memlens.edit.ledger.EditHandle`): ``undo()`` is bit-exact. Baselines: a random mask
 of the same size, and full fine-tuning of all those matrices.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from memlens.errors import MemlensError, NumericalError
+from memlens.edit.ledger import EditHandle
+from memlens.errors import NumericalError
 from memlens.memorization.attribute import gradients, only_these_require_grad, weight_slots
 from memlens.memorization.contrastive import ContrastiveObjective
 from memlens.memorization.data import PREFIX_LEN
@@ -100,50 +99,17 @@ def gradient_mask(
     selected = torch.zeros(n_total, dtype=torch.bool)
     selected[chosen] = True
     masks, start = {}, 0
-    for slot, size in zip(slots, sizes):
+    for slot, size in zip(slots, sizes, strict=True):
         masks[slot.name] = selected[start:start + size].view(slot.param.shape).to(
             slot.param.device)
         start += size
     return SparseMask(masks, method, fraction, k, n_total)
 
 
-@dataclass
-class WeightEdit:
-    """Original values of every entry an update may touch; :meth:`undo` restores them exactly."""
-
-    handle: Any
-    entries: list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor]] = field(
-        default_factory=list)  # (parameter, flat indices, original values)
-    undone: bool = False
-
-    @classmethod
-    def record(cls, handle, params: dict[str, torch.nn.Parameter],
-               masks: dict[str, torch.Tensor]) -> WeightEdit:
-        entries = []
-        for name, param in params.items():
-            index = masks[name].reshape(-1).nonzero()[:, 0]
-            entries.append((param, index, param.detach().reshape(-1)[index].clone()))
-        return cls(handle, entries)
-
-    def undo(self) -> None:
-        """Write every recorded original value back (bit-exact); a second call does nothing."""
-        if self.undone:
-            return
-        with torch.no_grad():
-            for param, index, original in self.entries:
-                param.view(-1)[index] = original
-        self.undone = True
-        self.handle.fingerprint(refresh=True)
-
-    @property
-    def n_entries(self) -> int:
-        return sum(int(index.numel()) for _, index, _ in self.entries)
-
-
 def sparse_update(
     handle, objective: ContrastiveObjective, mask: SparseMask, *,
     lr: float = LR, steps: int = STEPS, weight_decay: float = WEIGHT_DECAY,
-) -> tuple[WeightEdit, list[dict[str, float]]]:
+) -> tuple[EditHandle, list[dict[str, float]]]:
     """Minimise ``objective`` with Adam on the masked entries only; returns (edit, loss log).
 
     NaN/inf in the loss or the weights aborts the update, restores the weights and raises.
@@ -157,7 +123,10 @@ def sparse_update(
     model = handle.model
     slots = [s for s in weight_slots(handle) if mask.masks[s.name].any()]
     params = {s.name: s.param for s in slots}
-    edit = WeightEdit.record(handle, params, mask.masks)
+    edit = EditHandle.snapshot(handle, list(params), log={
+        "method": f"memorization-{objective.mode}", "mask": mask.method,
+        "n_weights": mask.n_selected, "lr": lr, "steps": steps, "weight_decay": weight_decay})
+    edit.layers = sorted({s.layer for s in slots})
     masks = {s.name: mask.masks[s.name].to(s.param.dtype) for s in slots}
     optimizer = torch.optim.Adam(list(params.values()), lr=lr, weight_decay=0.0)
     log: list[dict[str, float]] = []
@@ -177,12 +146,12 @@ def sparse_update(
             if not all(torch.isfinite(p).all() for p in params.values()):
                 raise NumericalError("the update produced NaN/inf weights")
     except BaseException:
-        edit.undo()
+        edit.undo(force=True)
         raise
     finally:
         for p in params.values():
             p.grad = None
-    handle.fingerprint(refresh=True)
+    edit.seal()
     return edit, log
 
 
@@ -234,7 +203,7 @@ class UpdateResult:
     before: dict[str, float]
     after: dict[str, float]
     log: list[dict[str, float]]
-    edit: WeightEdit | None = field(default=None, repr=False)
+    edit: EditHandle | None = field(default=None, repr=False)
 
     def to_dict(self, handle=None) -> dict[str, Any]:
         return {"method": self.method, "mode": self.mode, "lr": self.lr, "steps": self.steps,
@@ -288,26 +257,15 @@ def compare_methods(
     return [run_update(handle, mp_ids, nmp_ids, method=m, keep=False, **kwargs) for m in methods]
 
 
-def save_model(handle, directory: str | Path) -> Path:
-    """Save the (edited) model and tokenizer to a NEW directory, atomically (temp + rename).
+def save_model(handle, directory: str | Path, edit: EditHandle) -> Path:
+    """Save the edited model to a NEW directory atomically, with ``edit_log.json``
+    (:func:`memlens.edit.save.save_edited`: never the source directory, never a non-empty one).
 
-    Refuses to write into an existing non-empty directory or the model's own source directory.
+    Example::
+
+        result = run_update(handle, mp_ids, nmp_ids, lr=1e-3, steps=10)
+        save_model(handle, "out/unlearned", result.edit); result.edit.undo()
     """
-    target = Path(directory).expanduser().resolve()
-    source = handle.source_dir.resolve() if handle.source_dir else None
-    if source is not None and target == source:
-        raise MemlensError(f"refusing to overwrite the model's own directory {str(target)!r}")
-    if target.exists() and any(target.iterdir()):
-        raise MemlensError(f"{str(target)!r} exists and is not empty; choose a new directory")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        handle.model.save_pretrained(tmp)
-        handle.tokenizer.save_pretrained(tmp)
-        if target.exists():
-            target.rmdir()
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+    from memlens.edit.save import save_edited
+
+    return save_edited(handle, directory, edit, extra={"capability": "memorization"})
