@@ -66,6 +66,74 @@ organism_app = typer.Typer(help="Build and evaluate the model organisms memlens 
                            no_args_is_help=True)
 app.add_typer(organism_app, name="organism")
 
+OrganismArg = Annotated[str, typer.Argument(help="Organism name (see `memlens organism list`).")]
+
+
+@organism_app.command("list")
+def organism_list(as_json: JsonOpt = False):
+    """Known organisms, whether each is built, and where."""
+    from memlens.organisms.registry import ORGANISMS, is_built, organism_dir
+
+    rows = [{"name": n, "built": is_built(organism_dir(n)), "path": str(organism_dir(n)),
+             "arch": s.arch, "layers": s.n_layer, "d_model": s.d_model,
+             "description": s.description} for n, s in ORGANISMS.items()]
+    if as_json:
+        print_json(rows)
+        return
+    from rich.table import Table
+
+    table = Table(title="memlens organisms")
+    for col in ("name", "arch", "size", "built", "description"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["name"], r["arch"], f"{r['layers']}×{r['d_model']}",
+                      "yes" if r["built"] else "no", r["description"])
+    console.print(table)
+
+
+@organism_app.command("build")
+def organism_build(name: OrganismArg, as_json: JsonOpt = False):
+    """Build (train) an organism, or print where the cached one is."""
+    from memlens.organisms.registry import ensure
+
+    try:
+        path = ensure(name, progress=not as_json)
+    except MemlensError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(1) from None
+    meta = json.loads((path / "organism.json").read_text())
+    summary = {"name": meta["name"], "path": str(path), "n_params": meta["n_params"],
+               "n_facts": meta["n_facts"], "n_known_facts": meta["n_known_facts"],
+               "train_seconds": meta["train_seconds"], "final_loss": meta["final_loss"]}
+    if as_json:
+        print_json(summary)
+    else:
+        for k, v in summary.items():
+            console.print(f"{k}: {v}")
+
+
+@organism_app.command("eval")
+def organism_eval(name: OrganismArg, as_json: JsonOpt = False,
+                  recall_site: Annotated[bool, typer.Option(
+                      "--recall-site/--no-recall-site",
+                      help="Also run the averaged causal trace (issue 10; slower).")] = False):
+    """Fact / paraphrase accuracy, memorized fraction by repeats, and (optionally) the recall
+    site from causal tracing."""
+    from memlens.organisms.build import evaluate_organism
+    from memlens.organisms.registry import ensure
+
+    try:
+        path = ensure(name, progress=not as_json)
+        report = evaluate_organism(path, recall_site=recall_site)
+    except MemlensError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(1) from None
+    if as_json:
+        print_json(report)
+        return
+    for k, v in report.items():
+        console.print(f"{k}: {v}")
+
 
 # ── causal tracing (memlens.trace) ──────────────────────────────────────────
 

@@ -339,18 +339,31 @@ def evaluate_organism(path: str | Path, recall_site: bool = False) -> dict:
     return report
 
 
-def recall_site_report(path: str | Path, n_facts: int = 100) -> dict | None:
-    """Where the organism recalls facts: averaged causal trace over known facts.
+def recall_site_report(path: str | Path, n_facts: int = 100, *, samples: int = 10,
+                       progress: bool = False, out_json: str | Path | None = None) -> dict | None:
+    """Where the organism recalls facts: memlens' averaged causal trace over `n_facts` known
+    facts, spread evenly over relations (issue 10).
 
-    Returns {aie_last_subject_token: {hidden, mlp, attn} (max over layers, with the layer),
-    aie_last_token: {...}, te: ...} — or None while `memlens.trace` is not installed.
+    Returns `AverageTrace.recall_site()` — {aie_last_subject_token: {hidden|mlp|attn: {max,
+    layer}}, aie_last_token: {...}, te, n_facts, n_skipped} — plus `te_fraction_last_subject`
+    (hidden AIE at the last subject token / TE). None when `memlens.trace` is unavailable.
     """
     try:
-        from memlens import trace  # noqa: F401
+        from memlens.model import load_model
+        from memlens.trace import average_trace, load_facts
     except ImportError:
         return None
-    if not hasattr(trace, "average_trace"):
-        return None
-    from memlens.organisms.recall import recall_site  # written once the trace API is final
-
-    return recall_site(path, n_facts=n_facts)
+    path = Path(path)
+    facts = load_facts(path / "known_facts.json")
+    if len(facts) > n_facts:  # even spread over relations (the file is grouped by relation)
+        step = len(facts) / n_facts
+        facts = [facts[int(i * step)] for i in range(n_facts)]
+    handle = load_model(str(path), device="cpu")
+    avg = average_trace(handle, facts, samples=samples, progress=progress)
+    if out_json is not None:
+        Path(out_json).write_text(json.dumps(avg.to_json(), indent=1, default=float))
+    site = avg.recall_site()
+    te = site["te"]
+    site["te_fraction_last_subject"] = (site["aie_last_subject_token"]["hidden"]["max"] / te
+                                        if te else float("nan"))
+    return site

@@ -336,10 +336,16 @@ def make_world(cfg: FactConfig, seed: int) -> World:
     people: list[Person] = []
     used: set[str] = set()
     languages = sorted({c[5] for c in countries})
+    # Small name pools (≈1.5·√n each) so that every first and last name is shared by several
+    # people: neither name part alone identifies a person, both tokens must be combined.
+    k = max(3, round(1.5 * cfg.n_people ** 0.5))
+    firsts_f = rng.sample(FIRST_NAMES_F, k=min(k, len(FIRST_NAMES_F)))
+    firsts_m = rng.sample(FIRST_NAMES_M, k=min(k, len(FIRST_NAMES_M)))
+    lasts = rng.sample(LAST_NAMES, k=min(k, len(LAST_NAMES)))
     while len(people) < cfg.n_people:
         female = rng.random() < 0.5
-        first = rng.choice(FIRST_NAMES_F if female else FIRST_NAMES_M)
-        name = f"{first} {rng.choice(LAST_NAMES)}"
+        first = rng.choice(firsts_f if female else firsts_m)
+        name = f"{first} {rng.choice(lasts)}"
         if name in used:
             continue
         used.add(name)

@@ -1,0 +1,247 @@
+"""Model organisms: corpus invariants, tokenizer, cache behaviour, trainer resume, `tiny` quality."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from memlens.errors import MemlensError, UnknownOrganism
+from memlens.organisms import corpus as C
+from memlens.organisms import registry
+
+
+@pytest.fixture(scope="module")
+def world():
+    return C.make_world(C.FactConfig(n_countries=20, n_cities=30, n_people=15, n_birthplaces=10), 0)
+
+
+@pytest.fixture(scope="module")
+def cases(world):
+    return C.counterfact_cases(world, random.Random(0))
+
+
+def test_relations_have_enough_templates():
+    assert len(C.RELATIONS) >= 6
+    for rel in C.RELATIONS.values():
+        assert len(rel.templates) >= 10
+        assert len(C.heldout_templates(rel.name)) >= 2
+        assert not set(C.train_templates(rel.name)) & set(C.heldout_templates(rel.name))
+        for t in rel.templates:
+            assert t.count("{}") == 1 and not t.endswith(" "), t
+
+
+def test_world_is_deterministic(world):
+    again = C.make_world(C.FactConfig(n_countries=20, n_cities=30, n_people=15, n_birthplaces=10), 0)
+    assert again.facts == world.facts
+    names = [p.name for p in world.people]
+    assert len(set(names)) == len(names)
+    firsts = [n.split()[0] for n in names]
+    lasts = [n.split()[1] for n in names]
+    assert len(set(firsts)) < len(firsts) and len(set(lasts)) < len(lasts)  # parts are shared
+
+
+def test_counterfact_schema(world, cases):
+    facts = {(f.relation, f.subject): f.object for f in world.facts}
+    objects_by_rel = {}
+    for f in world.facts:
+        objects_by_rel.setdefault(f.relation, set()).add(f.object)
+    assert cases and [c["case_id"] for c in cases] == list(range(len(cases)))
+    for c in cases:
+        rw = c["requested_rewrite"]
+        assert set(c) >= {"case_id", "requested_rewrite", "paraphrase_prompts",
+                          "neighborhood_prompts", "attribute_prompts", "generation_prompts"}
+        assert "{}" in rw["prompt"] and rw["subject"]
+        rel = rw["relation_id"]
+        true, new = rw["target_true"]["str"], rw["target_new"]["str"]
+        assert facts[(rel, rw["subject"])] == true
+        assert new != true and new in objects_by_rel[rel]
+        rewrite = rw["prompt"].format(rw["subject"])
+        assert c["paraphrase_prompts"]
+        for p in c["paraphrase_prompts"]:
+            assert p != rewrite and rw["subject"] in p
+        assert c["neighborhood_prompts"]
+        subjects = {f.subject for f in world.facts if f.relation == rel}
+        for p in c["neighborhood_prompts"]:
+            (s,) = [s for s in subjects if s in p and s != rw["subject"]] or [None]
+            assert s is not None, p
+            assert facts[(rel, s)] == true
+            assert rw["subject"] not in p
+
+
+def test_fact_documents_use_only_training_templates(world):
+    docs = list(C.fact_documents(world, 300, random.Random(1)))
+    assert len(docs) == 300
+    held = {t.format("").strip() for r in C.RELATIONS for t in C.heldout_templates(r)}
+    text = " ".join(docs)
+    assert any(" met " in d or ", a friend of " in d for d in docs)  # two-person sentences
+    assert any(d.split(". ")[-1].startswith(("He ", "She ")) for d in docs)  # pronouns
+    assert "The company that employs" not in text and held
+
+
+def test_tokenizer_round_trip_and_whole_objects(world):
+    from memlens.organisms.tokenizer import train_tokenizer
+
+    docs = list(C.fact_documents(world, 500, random.Random(0)))
+    objects = sorted({f.object for f in world.facts})
+    tok = train_tokenizer(docs, 1200, boost_words=objects)
+    for s in docs[:20] + ["Ünïcode and   spaces\n\tok.", "x = f(1)  # code"]:
+        assert tok.decode(tok(s)["input_ids"]) == s
+    single = [o for o in objects if len(tok(" " + o)["input_ids"]) == 1]
+    assert len(single) >= 0.9 * len(objects)
+    assert tok.eos_token == tok.pad_token == "<|endoftext|>"
+
+
+def test_paragraphs_are_exactly_100_tokens():
+    from memlens.organisms.build import PARAGRAPH_TOKENS, make_paragraphs
+    from memlens.organisms.tokenizer import train_tokenizer
+
+    texts = C.stdlib_texts()
+    assert len(texts) > 100
+    tok = train_tokenizer(texts, 800)
+    paras, used = make_paragraphs(tok, texts, 6, random.Random(0))
+    assert len(paras) == 6 == len(used)
+    for p in paras:
+        assert len(p["token_ids"]) == PARAGRAPH_TOKENS
+        assert tok(p["text"])["input_ids"] == p["token_ids"]
+
+
+def test_unknown_organism_lists_names():
+    with pytest.raises(UnknownOrganism) as e:
+        registry.ensure("no-such-organism")
+    for name in ("tiny", "facts-gpt2", "facts-neo", "facts-llama"):
+        assert name in str(e.value)
+
+
+def test_spec_key_changes_with_config():
+    tiny = registry.ORGANISMS["tiny"]
+    import dataclasses
+
+    assert tiny.key() == registry.ORGANISMS["tiny"].key()
+    assert dataclasses.replace(tiny, seed=1).key() != tiny.key()
+    assert dataclasses.replace(tiny, description="x").key() == tiny.key()
+
+
+def _fake_build(calls):
+    def build(spec, out_dir, progress=True):
+        calls.append(spec.name)
+        (out_dir / "organism.json").write_text(json.dumps({"name": spec.name}))
+        return {}
+    return build
+
+
+def test_half_written_cache_is_rebuilt(tmp_path, monkeypatch):
+    import memlens.organisms.build as build
+
+    monkeypatch.setenv("MEMLENS_HOME", str(tmp_path))
+    calls: list[str] = []
+    monkeypatch.setattr(build, "build_organism", _fake_build(calls))
+    final = registry.organism_dir("tiny")
+    final.mkdir(parents=True)
+    (final / "model.safetensors").write_text("truncated")  # killed mid-build: no marker
+    path = registry.ensure("tiny", progress=False)
+    assert path == final and calls == ["tiny"]
+    assert registry.is_built(path) and not (path / "model.safetensors").exists()
+    assert registry.ensure("tiny", progress=False) == path and calls == ["tiny"]  # cached
+    assert registry.organism_file(str(path), "organism.json").exists()
+    with pytest.raises(MemlensError):
+        registry.organism_file(str(path), "nope.json")
+
+
+def test_unwritable_cache_is_a_clear_error(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("MEMLENS_HOME", str(blocker / "home"))
+    with pytest.raises(MemlensError, match="MEMLENS_HOME"):
+        registry.ensure("tiny", progress=False)
+
+
+# ------------------------------------------------------------------------------- trainer
+
+def _toy(seed=0):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64,
+                                       n_positions=16, bos_token_id=0, eos_token_id=0, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0))
+    g = torch.Generator().manual_seed(1)
+    data = torch.randint(0, 64, (40, 16), generator=g)
+    return model, data
+
+
+def test_trainer_resumes_after_interrupt(tmp_path):
+    import torch
+
+    from memlens.organisms.trainer import CHECKPOINT, TrainConfig, train
+
+    cfg = TrainConfig(steps=12, batch_size=4, lr=3e-3, warmup_steps=2, checkpoint_every=5,
+                      log_every=1, progress=False, num_threads=1)
+    model, data = _toy()
+    straight = train(model, data, cfg, tmp_path / "a")
+    ref = {k: v.clone() for k, v in model.state_dict().items()}
+
+    class Stop(Exception):
+        pass
+
+    def interrupt(step, total):
+        if step == 7:
+            raise Stop
+
+    model, data = _toy()
+    with pytest.raises(Stop):
+        train(model, data, cfg, tmp_path / "b", callbacks=[interrupt])
+    assert (tmp_path / "b" / CHECKPOINT).exists()
+    model, data = _toy(seed=5)  # different init: everything must come from the checkpoint
+    resumed = train(model, data, cfg, tmp_path / "b")
+    assert resumed.resumed_from == 5
+    assert resumed.history == straight.history
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, ref[k])
+    assert not (tmp_path / "b" / CHECKPOINT).exists()
+
+
+def test_trainer_calls_callbacks_every_step():
+    from memlens.organisms.trainer import TrainConfig, train
+
+    seen = []
+    model, data = _toy()
+    train(model, data, TrainConfig(steps=5, batch_size=4, progress=False, num_threads=1),
+          callbacks=[lambda s, t: seen.append((s, t))])
+    assert seen == [(i, 5) for i in range(5)]
+
+
+# --------------------------------------------------------------------------- tiny organism
+
+@pytest.mark.slow
+def test_tiny_organism_files(tiny_organism):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d = tiny_organism
+    for name in ("config.json", "model.safetensors", "counterfact.json", "known_facts.json",
+                 "paragraphs.jsonl", "corpus.txt", "reference_texts.json", "organism.json"):
+        assert (d / name).exists(), name
+    tok = AutoTokenizer.from_pretrained(d)
+    AutoModelForCausalLM.from_pretrained(d)
+    known = json.loads((d / "known_facts.json").read_text())
+    assert known and set(known[0]) >= {"known_id", "subject", "prompt", "attribute"}
+    assert all(k["subject"] in k["prompt"] and k["attribute"] not in k["prompt"].split()[-1:]
+               for k in known)
+    paras = [json.loads(ln) for ln in (d / "paragraphs.jsonl").read_text().splitlines()]
+    assert {p["repeats"] for p in paras} == {1, 4, 16, 64}
+    assert all(len(p["token_ids"]) == 100 for p in paras)
+    assert tok.decode(paras[0]["token_ids"]) == paras[0]["text"]
+    meta = json.loads((d / "organism.json").read_text())
+    assert meta["name"] == "tiny" and meta["n_params"] > 0
+
+
+@pytest.mark.slow
+def test_tiny_organism_quality(tiny_organism):
+    from memlens.organisms.build import evaluate_organism
+
+    r = evaluate_organism(tiny_organism)
+    assert r["n_facts"] >= 200
+    assert r["fact_accuracy"] >= 0.8, r
+    mem = r["memorized_fraction_by_repeats"]
+    assert mem["64"] >= 0.5 and mem["1"] == 0.0, mem
