@@ -183,8 +183,13 @@ def test_twins_start_identical_and_finished_runs_are_reused(trained_pair):
     model, _ = random_model("gpt2")
     a, b = fresh_model(model.config, seed=3).state_dict(), fresh_model(model.config, 3).state_dict()
     assert all(torch.equal(a[name], b[name]) for name in a)
-    again = train_pair(None, tokenizer, None, None, None, out)  # nothing to train: loads both
+    from memlens.topk.train import TopKTrainConfig
+
+    same = TopKTrainConfig(**pair.config)
+    again = train_pair(None, tokenizer, None, None, same, out)  # nothing to train: loads both
     assert again.topk.heldout_ppl == pair.topk.heldout_ppl
+    with pytest.raises(TopKError, match="other settings"):
+        train_pair(None, tokenizer, None, None, TopKTrainConfig(k=K + 1), out)
 
 
 def test_alpha_callback_anneals_during_training():

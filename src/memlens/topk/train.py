@@ -29,10 +29,11 @@ from torch import nn
 
 from memlens import hooks
 from memlens.arch import adapter_for
-from memlens.topk.activation import alpha_at
+from memlens.topk.activation import TopKError, alpha_at
 from memlens.topk.convert import set_alpha, to_topk
 
 RESULT_FILE = "train_result.json"
+SETTINGS_FILE = "train_settings.json"
 
 
 @dataclass
@@ -160,6 +161,16 @@ def sparsity_report(model: nn.Module, blocks: torch.Tensor, batch_size: int = 16
             for layer in range(n_layers)]
 
 
+def _run_settings(cfg: TopKTrainConfig | None) -> dict | None:
+    """The settings that determine a trained model (not progress, threads, checkpointing)."""
+    if cfg is None:
+        return None
+    data = json.loads(json.dumps(asdict(cfg)))
+    for key in ("progress", "num_threads", "checkpoint_every"):
+        data.pop(key)
+    return data
+
+
 def train_one(
     name: str,
     config,
@@ -177,12 +188,19 @@ def train_one(
 
     out = Path(out_dir)
     done = out / RESULT_FILE
+    settings = _run_settings(cfg)
     if done.is_file():
+        saved = json.loads((out / SETTINGS_FILE).read_text())
+        if settings is not None and saved != settings:
+            changed = sorted(key for key in settings if settings[key] != saved.get(key))
+            raise TopKError(f"{out} holds a finished run with other settings ({changed}); "
+                            "choose another output directory")
         model = AutoModelForCausalLM.from_pretrained(out)
         if getattr(model.config, "topk", None):
             apply_topk_from_config(model)
         return model.eval(), ModelReport(**json.loads(done.read_text()))
     out.mkdir(parents=True, exist_ok=True)
+    (out / SETTINGS_FILE).write_text(json.dumps(settings, indent=1))
     model = fresh_model(config, cfg.seed)
     callbacks = []
     if name == "topk":
@@ -198,8 +216,7 @@ def train_one(
         progress=cfg.progress, log_every=10,
     )
     result = train(model, train_blocks, trainer_cfg, out, callbacks=callbacks)
-    session_tokens = (cfg.steps - result.resumed_from) * train_blocks.numel() // len(train_blocks) \
-        * cfg.batch_size
+    session_tokens = (cfg.steps - result.resumed_from) * cfg.batch_size * train_blocks.shape[1]
     if name == "topk":
         set_alpha(model, 0.0)  # annealing is over: the saved model is a pure TopK LM
     heldout_loss = evaluate_loss(model, heldout_blocks)
