@@ -132,6 +132,8 @@ def test_bad_inputs_give_clear_errors(handles, tmp_path):
         load_paragraphs(handle, empty)
     with pytest.raises(CorpusNotFound, match="paragraphs.jsonl"):
         load_paragraphs(handle)  # a random model has no paragraphs.jsonl
+    with pytest.raises(MemlensError, match="exceed the model's context of 128"):
+        load_paragraphs(handle, short, prefix_len=100, suffix_len=100)
     with pytest.raises(CorpusNotFound, match="does not exist"):
         load_paragraphs(handle, tmp_path / "missing.jsonl")
     with pytest.raises(EmptyInput, match="memorized"):

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from memlens.errors import EmptyInput, MemlensError
+from memlens.errors import EmptyInput, InputTooLong, MemlensError
 
 PREFIX_LEN = 50  # tokens the model is prompted with
 SUFFIX_LEN = 50  # tokens it must reproduce greedily to count as memorized
@@ -82,6 +82,10 @@ def load_paragraphs(
     if not records:
         raise EmptyInput(f"the corpus {_describe(handle, source)} holds no paragraphs")
     need = prefix_len + suffix_len
+    context = handle.max_length
+    if context is not None and need > context:
+        raise InputTooLong(f"prefix_len + suffix_len = {need} tokens exceed the model's context "
+                           f"of {context} tokens")
     vocab = int(handle.model.config.vocab_size)
     out = []
     for i, record in enumerate(records):
