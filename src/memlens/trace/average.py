@@ -191,13 +191,16 @@ def average_trace(handle: ModelHandle, facts: Sequence[dict[str, str]], *, n: in
     with np.errstate(invalid="ignore", divide="ignore"):
         aie = {k: sums[k] / np.array([counts[g] for g in GROUPS], dtype=float)[:, None]
                for k in kinds}
-    mean = (lambda xs: float(np.mean(xs)) if xs else float("nan"))
     return AverageTrace(
         kinds=list(kinds), n_layers=L, aie=aie, group_counts=counts,
-        ate=mean(p_clean) - mean(p_corrupted), p_clean=mean(p_clean),
-        p_corrupted=mean(p_corrupted), n_facts=len(p_clean), n_skipped_wrong=n_wrong,
+        ate=_mean(p_clean) - _mean(p_corrupted), p_clean=_mean(p_clean),
+        p_corrupted=_mean(p_corrupted), n_facts=len(p_clean), n_skipped_wrong=n_wrong,
         n_skipped_invalid=n_invalid, noise=spec.scale, samples=samples, skipped=skipped,
     )
+
+
+def _mean(values: list[float]) -> float:
+    return float(np.mean(values)) if values else float("nan")
 
 
 def _trace_one(handle, fact, kinds, samples, spec, seed, window) -> dict[str, Any]:
