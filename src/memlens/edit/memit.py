@@ -1,0 +1,313 @@
+"""MEMIT: Mass-Editing Memory in a Transformer (Meng et al., ICLR 2023).
+
+    edit = apply_memit(handle, load_requests("cf.json"), layers=[1, 2])
+    edit.layers, edit.delta_norms, edit.log["z"]       # where, how much, the z optimisation
+    edit.undo()                                          # bit-exact
+
+Thousands of facts are written into the MLP output matrices W_l of a band of layers R:
+
+1. z_i = h_i + δ_i at the TOP layer L = max(R), on the residual stream (block output) at each
+   fact's token: δ_i minimises the target NLL over context-templated prompts + KL + decay, with
+   ‖δ_i‖ ≤ 0.75 ‖h_i‖ — optimised for all facts in one batch (:mod:`memlens.edit.optimize`).
+2. For each l ∈ R in increasing order, with the layers below already updated:
+   K_l (d_ff × n) keys at the fact token, averaged over context templates;
+   H (d_model × n) the current top-layer hidden states at the bare prompts;
+   R_l = (Z − H) / (|R| − index of l)                      (spread the residual over the layers left)
+   Δ_l = R_l K_lᵀ (λ C_l + K_l K_lᵀ)⁻¹                      (float64; C_l = E[k kᵀ] from stats)
+   W_l ← W_l + Δ_l.
+λ (``mom2_update_weight``) multiplies the normalised moment C = (1/N) Σ k kᵀ as in the reference
+code, so λ C = (λ/N) K₀K₀ᵀ: each inserted key weighs as much as N/λ corpus tokens, whatever N.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from memlens.edit.context import context_templates
+from memlens.edit.hparams import FACT_TOKENS, FactToken, HyperParams, InvalidHyperParams
+from memlens.edit.keys import fact_token_reads
+from memlens.edit.ledger import EditHandle, edit_weight_name
+from memlens.edit.optimize import DeltaObjective, optimize_deltas
+from memlens.edit.requests import EditRequest, InvalidRequest, coerce_request, validate_request
+from memlens.errors import EmptyInput, MemlensError, NumericalError
+from memlens.stats import KeyStats, layer_stats
+
+
+@dataclass(frozen=True)
+class MEMITHyperParams(HyperParams):
+    """MEMIT settings; defaults = the reference's gpt2-xl.json / EleutherAI_gpt-j-6B.json."""
+
+    layers: tuple[int, ...] | None = None  # R; None: from a causal trace, else a middle band
+    fact_token: FactToken = "subject_last"  # where keys are read and z written
+    v_lr: float = 0.5  # Adam learning rate of δ
+    v_num_grad_steps: int = 20  # at most this many forward passes per fact
+    v_stop_loss: float = 0.05  # a fact stops when its loss falls below this
+    v_weight_decay: float = 0.5  # weight of ‖δ‖ / ‖h‖²
+    clamp_norm_factor: float = 0.75  # ‖δ‖ ≤ factor · ‖h‖
+    kl_factor: float = 0.0625  # weight of KL(edited ‖ original) on kl_prompt
+    kl_prompt: str = "{} is a"  # essence prompt whose distribution must not drift
+    mom2_adjustment: bool = True  # False: λ C replaced by λ I (no covariance)
+    mom2_update_weight: float = 15000.0  # λ
+    mom2_n_samples: int = 1000  # corpus samples for C = E[k kᵀ]
+    mom2_max_len: int = 256  # tokens per sample
+    context_templates: tuple[tuple[int, int], ...] = ((10, 10),)  # (tokens, count)
+    context_seed: int = 0  # seed of the template sampler
+    batch_size: int | None = None  # edits per sequential MEMIT batch (None: all at once)
+    max_batch_tokens: int = 16384  # padded tokens per forward pass (z optimisation, keys)
+
+    FAMILY_DEFAULTS: ClassVar[dict[str, dict[str, Any]]] = {
+        "gpt2": {"mom2_update_weight": 20000.0}, "gpt_neo": {}, "gptj": {}, "gpt_neox": {},
+        "llama": {}, "mistral": {}, "qwen2": {},
+    }
+
+    def check(self) -> None:
+        if self.fact_token not in FACT_TOKENS:
+            raise InvalidHyperParams(f"fact_token must be one of {FACT_TOKENS}, "
+                                     f"got {self.fact_token!r}")
+        if self.v_num_grad_steps < 1 or self.v_lr <= 0 or self.clamp_norm_factor <= 0:
+            raise InvalidHyperParams("v_num_grad_steps ≥ 1, v_lr > 0 and clamp_norm_factor > 0 "
+                                     f"are required, got {self.to_dict()}")
+        if self.mom2_update_weight < 0:
+            raise InvalidHyperParams(f"mom2_update_weight must be ≥ 0, got "
+                                     f"{self.mom2_update_weight}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise InvalidHyperParams(f"batch_size must be ≥ 1, got {self.batch_size}")
+        if self.layers is not None and (len(self.layers) == 0 or
+                                        list(self.layers) != sorted(set(self.layers))):
+            raise InvalidHyperParams(f"layers must be increasing and distinct, got {self.layers}")
+
+
+def middle_band(n_layers: int) -> list[int]:
+    """A band of early-middle layers: |R| = max(2, L/8) layers from L/4 (gpt2-xl: 12–17,
+    the reference uses 13–17), capped by the model's depth."""
+    size = min(n_layers, max(2, n_layers // 8))
+    start = min(max(0, n_layers // 4), n_layers - size)
+    return list(range(start, start + size))
+
+
+def choose_layers(handle: Any, requests: Sequence[EditRequest], *, n_facts: int = 5,
+                  threshold: float = 0.5) -> tuple[list[int], str]:
+    """R and how it was chosen: the contiguous layers around the peak of the averaged MLP
+    indirect effect at the last subject token whose effect is ≥ ``threshold`` × the peak
+    (a causal trace of up to ``n_facts`` requests), else :func:`middle_band`."""
+    band = middle_band(handle.n_layers)
+    try:
+        from memlens.trace import average_trace
+    except ImportError:
+        return band, "middle band (memlens.trace not available)"
+    facts = [{"prompt": r.text, "subject": r.subject,
+              **({"attribute": r.target_true} if r.target_true else {})}
+             for r in requests[:n_facts]]
+    try:
+        avg = average_trace(handle, facts, kinds=("mlp",), samples=3, progress=False)
+    except MemlensError as exc:
+        return band, f"middle band (trace failed: {exc})"
+    if avg.n_facts == 0:
+        return band, "middle band (no traced fact was known to the model)"
+    curve = avg.effect("mlp", "last_subject")
+    peak = int(curve.argmax())
+    if not curve[peak] > 0:
+        return band, "middle band (no positive MLP effect at the last subject token)"
+    lo = hi = peak
+    while lo > 0 and curve[lo - 1] >= threshold * curve[peak]:
+        lo -= 1
+    while hi < len(curve) - 1 and curve[hi + 1] >= threshold * curve[peak]:
+        hi += 1
+    return list(range(lo, hi + 1)), f"causal trace of {avg.n_facts} facts (MLP AIE peak {peak})"
+
+
+def _stats_for(handle: Any, layers: list[int], stats: dict[int, KeyStats] | None,
+               hp: MEMITHyperParams, corpus: str | None, progress: bool) -> dict[int, KeyStats]:
+    given = dict(stats or {})
+    missing = [layer for layer in layers if layer not in given]
+    if missing:
+        given.update(layer_stats(handle, missing, corpus=corpus, n_samples=hp.mom2_n_samples,
+                                 max_len=hp.mom2_max_len, progress=progress))
+    for layer in layers:
+        if given[layer].layer != layer:
+            raise MemlensError(f"statistics given for layer {layer} are of layer "
+                               f"{given[layer].layer}")
+        given[layer].check_finite()
+    return given
+
+
+def memit_layer_delta(K: torch.Tensor, resid: torch.Tensor, C: torch.Tensor | None,
+                      lam: float, layer: int) -> torch.Tensor:
+    """Δ = R Kᵀ (λ C + K Kᵀ)⁻¹ in float64, from K (d_ff, n), R (d_model, n), C (d_ff, d_ff);
+    C None means the identity. Raises NumericalError (nothing written) if not finite."""
+    K, resid = K.double(), resid.double()
+    d_ff = K.shape[0]
+    A = K @ K.T + lam * (torch.eye(d_ff, dtype=torch.float64, device=K.device) if C is None
+                         else C.to(K.device, torch.float64))
+    try:
+        adj = torch.linalg.solve(A, K)  # (λC + KKᵀ)⁻¹ K, (d_ff, n); A is symmetric
+    except RuntimeError as exc:  # singular
+        raise NumericalError(f"λC + KKᵀ of layer {layer} is singular ({exc}); collect key "
+                             "statistics over more samples or raise mom2_update_weight; "
+                             "no weights were changed") from None
+    delta = resid @ adj.T  # (d_model, d_ff)
+    if not torch.isfinite(delta).all():
+        raise NumericalError(f"the MEMIT update of layer {layer} contains NaN/inf; "
+                             "no weights were changed")
+    return delta
+
+
+@dataclass
+class _Plan:
+    """What one MEMIT run works with, fixed before any weight changes."""
+
+    requests: list[EditRequest]
+    targets: list[list[int]]
+    layers: list[int]
+    layer_source: str
+    hparams: MEMITHyperParams
+    stats: dict[int, KeyStats]
+    templates: list[str]
+    skipped: list[dict[str, Any]]
+
+
+def apply_memit(
+    handle: Any,
+    requests: Sequence[EditRequest | dict[str, Any]],
+    *,
+    layers: Sequence[int] | None = None,
+    hparams: MEMITHyperParams | None = None,
+    stats: dict[int, KeyStats] | None = None,
+    corpus: str | None = None,
+    templates: list[str] | None = None,
+    check_current: bool = True,
+    skip_invalid: bool = False,
+    progress: bool = True,
+) -> EditHandle:
+    """Write many facts at once into the MLP output matrices of ``layers``; returns the
+    undoable edit. Requests, statistics and z are checked before any weight changes; a
+    NaN/inf update at a later layer restores the earlier layers before raising.
+
+        edit = apply_memit(handle, [EditRequest("{} is a city in", "Toulouse", "Japan"),
+                                    EditRequest("{} plays the", "Miles Davis", "violin")],
+                           layers=[1, 2])
+        edit.log["z"]["prob_after"]          # mean P(target) reached by z at the top layer
+        edit.undo()
+
+    ``skip_invalid`` drops requests that fail validation (logged in ``edit.log["skipped"]``)
+    instead of raising; ``hparams.batch_size`` splits the requests into sequential batches.
+    """
+    started = time.perf_counter()
+    plan = _plan(handle, requests, layers, hparams, stats, corpus, templates, check_current,
+                 skip_invalid, progress)
+    hp = plan.hparams
+    names = [edit_weight_name(handle, layer) for layer in plan.layers]
+    edit = EditHandle.snapshot(handle, names, layers=list(plan.layers))
+    batch = hp.batch_size or len(plan.requests)
+    z_logs: list[dict[str, Any]] = []
+    layer_logs: list[dict[str, Any]] = []
+    try:
+        for start in range(0, len(plan.requests), batch):
+            z_log, logs = _memit_batch(handle, plan, range(start, start + batch), progress)
+            z_logs.append(z_log)
+            layer_logs.extend(logs)
+    except BaseException:
+        edit.undo(force=True)
+        raise
+    arch = handle.arch
+    for layer, name in zip(plan.layers, names, strict=True):
+        W = arch.get_edit_weight(handle.model, layer).double()
+        W0 = edit.originals[name].double()
+        edit.delta_norms[layer] = float((W - (W0.T if arch.spec.mlp_out_transposed else W0))
+                                        .norm())
+    edit.log = {
+        "method": "memit",
+        "requests": [r.to_dict() for r in plan.requests],
+        "n_requests": len(plan.requests),
+        "skipped": plan.skipped,
+        "layer_source": plan.layer_source,
+        "hparams": hp.to_dict(),
+        "n_templates": len(plan.templates),
+        "z": _merge_z(z_logs),
+        "layer_updates": layer_logs,
+        "stats": {str(k): s.meta() for k, s in plan.stats.items()} if plan.stats else None,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    edit.seal()
+    return edit
+
+
+def _plan(handle: Any, requests: Sequence[EditRequest | dict[str, Any]],
+          layers: Sequence[int] | None, hparams: MEMITHyperParams | None,
+          stats: dict[int, KeyStats] | None, corpus: str | None, templates: list[str] | None,
+          check_current: bool, skip_invalid: bool, progress: bool) -> _Plan:
+    """Every check that can fail, before any weight is touched."""
+    hp = hparams or MEMITHyperParams.for_model(handle)
+    reqs = [coerce_request(r) for r in requests]
+    if not reqs:
+        raise EmptyInput("no edit requests given")
+    kept, targets, skipped = [], [], []
+    for i, request in enumerate(reqs):
+        try:
+            targets.append(validate_request(handle, request, check_current=check_current))
+            kept.append(request)
+        except MemlensError as exc:
+            if not (skip_invalid and isinstance(exc, InvalidRequest)):
+                raise type(exc)(f"request {i}: {exc}") from None
+            skipped.append({"index": i, "case_id": request.case_id, "reason": str(exc)})
+    if not kept:
+        raise InvalidRequest(f"all {len(reqs)} requests were invalid; first: "
+                             f"{skipped[0]['reason']}")
+    chosen = list(layers) if layers is not None else (list(hp.layers) if hp.layers else None)
+    source = "user"
+    if chosen is None:
+        chosen, source = choose_layers(handle, kept)
+    chosen = sorted({int(layer) for layer in chosen})
+    for layer in chosen:
+        handle.arch.module_name(layer, "mlp_out")  # range check with a clear message
+    key_stats = _stats_for(handle, chosen, stats, hp, corpus, progress) \
+        if hp.mom2_adjustment else {}
+    if templates is None:
+        templates = context_templates(handle, hp.context_templates, seed=hp.context_seed)
+    return _Plan(kept, targets, chosen, source, hp, key_stats, list(templates), skipped)
+
+
+def _memit_batch(handle: Any, plan: _Plan, index: range, progress: bool
+                 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Compute z for the requests ``index`` and write Δ_l into every layer of R in order."""
+    hp, arch, model = plan.hparams, handle.arch, handle.model
+    requests = plan.requests[index.start: index.stop]
+    targets = plan.targets[index.start: index.stop]
+    top = plan.layers[-1]
+    z_point = f"blocks.{top}.hook_resid_post"
+    h0 = fact_token_reads(handle, requests, ["{}"], hp.fact_token, {z_point: "bare"},
+                          max_batch_tokens=hp.max_batch_tokens)[z_point]
+    z = optimize_deltas(handle, z_point, requests, targets, plan.templates, h0,
+                        DeltaObjective.from_hparams(hp), max_batch_tokens=hp.max_batch_tokens,
+                        progress=progress)
+    Z = z.target  # (n, d_model)
+    logs = []
+    for i, layer in enumerate(plan.layers):
+        key_point = f"blocks.{layer}.mlp.hook_post"
+        reads = fact_token_reads(handle, requests, plan.templates, hp.fact_token,
+                                 {key_point: "mean", z_point: "bare"},
+                                 max_batch_tokens=hp.max_batch_tokens)
+        K = reads[key_point].T  # (d_ff, n)
+        H = reads[z_point]  # (n, d_model)
+        resid = (Z - H).T / (len(plan.layers) - i)  # R_l, (d_model, n)
+        C = plan.stats[layer].mom2 if hp.mom2_adjustment else None
+        delta = memit_layer_delta(K, resid, C, hp.mom2_update_weight, layer)
+        W = arch.get_edit_weight(model, layer)
+        arch.set_edit_weight(model, layer, (W.double() + delta.to(W.device)).to(W.dtype))
+        logs.append({"layer": layer, "residual_norm": float((Z - H).norm(dim=1).mean()),
+                     "delta_norm": float(delta.norm()), "n": len(requests)})
+    return z.summary(), logs
+
+
+def _merge_z(logs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Means of the z summaries of sequential batches, weighted by their sizes."""
+    if len(logs) == 1:
+        return logs[0]
+    total = sum(x["n"] for x in logs)
+    return {"n": total, "batches": len(logs),
+            **{k: sum(x[k] * x["n"] for x in logs) / total for k in logs[0] if k != "n"}}
