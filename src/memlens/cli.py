@@ -814,7 +814,7 @@ def topk_steer(
     neuron: Annotated[str | None, typer.Option("--neuron", help="LAYER:UNIT, e.g. 2:117.")] = None,
     delta: Annotated[list[float] | None, typer.Option(
         "--delta", help="δ added to the neuron (repeatable). With --auto: multiples of the "
-        "neuron's peak activation (default 5, 10, 20).")] = None,
+        "neuron's delta_scale, δ that adds a residual-stream norm (default 0.5 1 2 4).")] = None,
     prompt: Annotated[list[str] | None, typer.Option("--prompt", help="Prompt (repeatable).")] = None,
     auto: Annotated[bool, typer.Option("--auto", help="Pick low-semantic-entropy neurons.")] = False,
     n_auto: Annotated[int, typer.Option("--n-auto", help="Neurons to try with --auto.")] = 5,
@@ -837,7 +837,8 @@ def topk_steer(
     blocks = neuron_blocks(handle.tokenizer, text, min(128, handle.max_length or 128))
     prompts = list(prompt or DEFAULT_PROMPTS)
     if auto:
-        picks = [(n.layer, n.unit, n.token_ids, [m * n.peak for m in (delta or [5, 10, 20])])
+        picks = [(n.layer, n.unit, n.token_ids,
+                  [m * n.delta_scale for m in (delta or [0.5, 1.0, 2.0, 4.0])])
                  for n in auto_neurons(neuron_report(handle, blocks), n=n_auto)]
     else:
         layer, unit = parse_neuron(neuron)

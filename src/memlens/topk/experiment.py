@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from memlens.topk.data import organism_corpus, text_blocks
 from memlens.topk.neurons import NeuronReport, neuron_report, plot_entropy_by_layer
-from memlens.topk.steer import SteerReport, auto_neurons, steer_report
+from memlens.topk.steer import Neuron, SteerReport, auto_neurons, steer_report
 from memlens.topk.train import TopKTrainConfig, train_pair
 
 
@@ -42,13 +43,14 @@ def run_all(
     cfg: TopKTrainConfig | None = None,
     *,
     n_auto: int = 8,
-    multiples: Sequence[float] = (5.0, 10.0, 20.0),
+    multiples: Sequence[float] = (0.5, 1.0, 2.0, 4.0),
     n_neuron_blocks: int = 512,
     max_new_tokens: int = 20,
 ) -> dict:
     """Train a TopK model and its dense twin on ``organism``'s corpus, measure neuron entropies
-    of both, steer the ``n_auto`` lowest-semantic-entropy TopK neurons (δ = multiples × the
-    neuron's peak activation) and write results and figures into ``out``. Returns the summary.
+    of both, steer the ``n_auto`` neurons :func:`~memlens.topk.steer.auto_neurons` picks (δ =
+    multiples × the neuron's ``delta_scale``: a vector as long as the residual stream at 1×)
+    and write results and figures into ``out``. Returns the summary.
 
         run_all("organism:facts-llama", "runs/topk-llama", TopKTrainConfig(steps=200))
     """
@@ -73,16 +75,15 @@ def run_all(
 
     tail = corpus.text.splitlines()[-max(1, len(corpus.text.splitlines()) // 10):]
     prompts = corpus_prompts(corpus.tokenizer, "\n".join(tail))  # from the held-out part
-    steered: list[tuple[SteerReport, float]] = []
+    steered: list[tuple[Neuron, SteerReport]] = []
     for neuron in auto_neurons(reports["topk"], n=n_auto):
-        deltas = [m * neuron.peak for m in multiples]
-        steered.append((steer_report(handles["topk"], neuron.layer, neuron.unit,
-                                     neuron.token_ids, deltas, prompts, max_new_tokens),
-                        neuron.semantic_entropy or 0.0))
+        deltas = [m * neuron.delta_scale for m in multiples]
+        steered.append((neuron, steer_report(handles["topk"], neuron.layer, neuron.unit,
+                                             neuron.token_ids, deltas, prompts, max_new_tokens)))
     (out / "steer.json").write_text(json.dumps(
-        [{**r.to_dict(), "semantic_entropy": h} for r, h in steered], indent=1))
+        [{"neuron": asdict(n), **r.to_dict()} for n, r in steered], indent=1))
 
-    summary = _summary(pair.to_dict(), reports, [r for r, _ in steered], figure, organism)
+    summary = _summary(pair.to_dict(), reports, [r for _, r in steered], figure, organism)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "summary.md").write_text(_markdown(summary))
     return summary

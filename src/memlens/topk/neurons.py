@@ -15,7 +15,12 @@ states are signed; TopK-ReLU ones are ≥ 0, where |a| = a).
   occurrence ≥ ``threshold`` × the neuron's largest mean, at most ``max_tokens``, seen at least
   ``min_count`` times); pairwise cosine similarities of their embeddings, histogrammed into
   ``n_bins`` bins over [−1, 1]; H = −Σ p log₂ p (bits). A neuron with a single such token has
-  semantic entropy 0; a neuron that never fires has none.
+  semantic entropy 0; a neuron that never fires has none. Special tokens (EOS) are never top
+  tokens.
+- For steering: ``self_logit_z`` = mean z-score of the top tokens among the direct logits
+  U·w_k of the neuron's output vector w_k (does the neuron *write* its concept?), and
+  ``delta_scale`` = mean ‖residual after layer l‖ / ‖w_k‖ (δ = 1 × scale adds a vector as long
+  as the residual stream).
 """
 
 from __future__ import annotations
@@ -42,7 +47,9 @@ class LayerNeurons:
     semantic_entropy: list[float | None]  # H (bits) per neuron; None: never active
     top_tokens: list[list[str]]  # the above-threshold tokens, strongest first
     top_token_ids: list[list[int]]
-    peak: list[float]  # largest mean |a| per occurrence over token types (steering scale)
+    peak: list[float]  # largest mean |a| per occurrence over token types
+    self_logit_z: list[float | None]  # mean z-score of the top tokens in U·w_k (see below)
+    delta_scale: list[float]  # mean ‖resid_post_l‖ / ‖w_k‖: δ that writes one residual norm
     dead_fraction: float  # share of neurons with zero mass on the whole text
 
     @property
@@ -93,16 +100,27 @@ def _mean(values: list[float | None]) -> float:
     return sum(present) / len(present) if present else math.nan
 
 
+@dataclass
+class _Pass:
+    """What one pass over the text collects."""
+
+    mass: dict[int, torch.Tensor]  # layer → (vocab, d_ff): Σ_occurrences |a_{l,k}|
+    count: torch.Tensor  # (vocab,) occurrences of each token type
+    resid_norm: dict[int, float]  # layer → mean ‖hook_resid_post‖ over tokens
+
+
 @torch.no_grad()
 def activation_mass(
     model, blocks: torch.Tensor, layers: list[int], vocab_size: int, batch_size: int = 16
-) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-    """mass[l] (vocab, d_ff) = Σ over occurrences of token d of |a_{l,k}|, and count (vocab,)."""
+) -> _Pass:
+    """mass[l] (vocab, d_ff) = Σ over occurrences of token d of |a_{l,k}|, the count of each
+    token type, and the mean residual-stream norm after each layer, in one pass."""
     mass: dict[int, torch.Tensor] = {}
+    norm_sum = dict.fromkeys(layers, 0.0)
     count = torch.zeros(vocab_size, dtype=torch.float64)
     current: dict[str, torch.Tensor] = {}
 
-    def recorder(layer: int):
+    def record_hidden(layer: int):
         def record(hidden: torch.Tensor) -> None:  # (B, T, d_ff)
             flat = hidden.detach().abs().float().flatten(0, -2).cpu()
             if layer not in mass:
@@ -111,15 +129,32 @@ def activation_mass(
 
         return record
 
+    def record_resid(layer: int):
+        def record(resid: torch.Tensor) -> None:  # (B, T, d_model)
+            norm_sum[layer] += resid.detach().float().norm(dim=-1).sum().item()
+
+        return record
+
+    points = {f"blocks.{layer}.mlp.hook_post": record_hidden(layer) for layer in layers}
+    points.update({f"blocks.{layer}.hook_resid_post": record_resid(layer) for layer in layers})
     device = next(model.parameters()).device
-    with hooks.hooked(model, {f"blocks.{layer}.mlp.hook_post": recorder(layer)
-                              for layer in layers}):
+    with hooks.hooked(model, points):
         for start in range(0, len(blocks), batch_size):
             batch = blocks[start:start + batch_size]
             current["ids"] = batch.flatten().cpu()
             count.index_add_(0, current["ids"], torch.ones(batch.numel(), dtype=torch.float64))
             model(input_ids=batch.to(device), attention_mask=torch.ones_like(batch).to(device))
-    return mass, count
+    n = max(1, blocks.numel())
+    return _Pass(mass=mass, count=count,
+                 resid_norm={layer: total / n for layer, total in norm_sum.items()})
+
+
+def self_logit_z(w_out: torch.Tensor, unembed: torch.Tensor, token_ids: list[int]) -> float:
+    """How strongly neuron output w_k (d_model,) promotes ``token_ids`` by the direct path:
+    the mean z-score (over the vocabulary) of their logits U·w_k, ignoring the final norm."""
+    logits = unembed.float() @ w_out.float()  # (vocab,)
+    z = (logits - logits.mean()) / logits.std().clamp(min=1e-12)
+    return float(z[token_ids].mean())
 
 
 def token_entropy(mass: torch.Tensor) -> torch.Tensor:
@@ -183,20 +218,27 @@ def neuron_report(
     if int(blocks.max()) >= vocab_size:
         raise TopKError(f"token id {int(blocks.max())} is outside the model's vocabulary "
                         f"({vocab_size}); was the text tokenized with this model's tokenizer?")
-    mass, count = activation_mass(handle.model, blocks, layers, vocab_size, batch_size)
+    collected = activation_mass(handle.model, blocks, layers, vocab_size, batch_size)
+    count = collected.count
+    unembed = handle.arch.unembedding(handle.model).weight.detach().cpu()
+    special = set(handle.tokenizer.all_special_ids)
     embeddings, embedder_name = _token_embeddings(handle, embedder)
     topk_layers = set(topk_modules(handle.model))
     report = NeuronReport(model=handle.ref, n_tokens=int(blocks.numel()), embedder=embedder_name,
                           settings={"threshold": threshold, "max_tokens": max_tokens,
                                     "min_count": min_count, "n_bins": n_bins})
-    frequent = (count >= min_count).float().unsqueeze(1)  # (vocab, 1)
+    frequent = (count >= min_count).float()  # (vocab,): seen often enough to judge
+    frequent[list(special)] = 0.0  # special tokens (EOS, padding) are no concept
+    frequent = frequent.unsqueeze(1)  # (vocab, 1)
     for layer in layers:
-        m = mass[layer]  # (vocab, d_ff)
+        m = collected.mass[layer]  # (vocab, d_ff)
+        w_out = handle.arch.get_edit_weight(handle.model, layer).cpu()  # (d_model, d_ff)
+        out_norm = w_out.norm(dim=0).clamp(min=1e-12)  # ‖w_k‖
         h_token = token_entropy(m.double())
         mean_act = m.double() / count.clamp(min=1).unsqueeze(1) * frequent  # (vocab, d_ff)
         n_top = min(max_tokens, vocab_size)
         top_vals, top_ids = mean_act.topk(n_top, dim=0)  # (n_top, d_ff)
-        names, ids, sem, peak = [], [], [], []
+        names, ids, sem, peak, self_z = [], [], [], [], []
         for unit in range(m.shape[1]):
             vals, idx = top_vals[:, unit], top_ids[:, unit]
             peak.append(float(vals[0]))
@@ -204,11 +246,14 @@ def neuron_report(
             ids.append(chosen)
             names.append([handle.tokenizer.decode([t]) for t in chosen])
             sem.append(semantic_entropy(embeddings[chosen], n_bins) if chosen else None)
+            self_z.append(self_logit_z(w_out[:, unit], unembed, chosen) if chosen else None)
         h_list = [None if math.isnan(h) else float(h) for h in h_token.tolist()]
         dead = sum(h is None for h in h_list) / len(h_list)
         report.layers.append(LayerNeurons(
             layer=layer, is_topk=layer in topk_layers, token_entropy=h_list,
             semantic_entropy=sem, top_tokens=names, top_token_ids=ids, peak=peak,
+            self_logit_z=self_z,
+            delta_scale=(collected.resid_norm[layer] / out_norm).tolist(),
             dead_fraction=dead,
         ))
     return report

@@ -4,7 +4,7 @@
     result = steer_report(handle, 2, 17, concept_ids=[412, 977], deltas=[4.0, 8.0],
                           prompts=["The city of", "He was born in"])
     result.best_ratio            # concept-token frequency, steered / unsteered (add-one smoothed)
-    picks = auto_neurons(neuron_report(handle, heldout), n=5)     # low semantic entropy first
+    picks = auto_neurons(neuron_report(handle, heldout), n=5)     # see its docstring
 
 The neuron is unit K of ``blocks.L.mlp.hook_post`` (the hidden state that feeds the MLP output
 matrix; in a TopK layer: after the TopK). δ is added at every position of the prompt and of
@@ -39,7 +39,9 @@ class Neuron:
     token_ids: list[int]
     semantic_entropy: float | None
     token_entropy: float | None
-    peak: float  # largest mean |activation| per occurrence (a natural scale for δ)
+    peak: float  # largest mean |activation| per occurrence
+    self_logit_z: float | None  # how strongly its output vector promotes its own tokens
+    delta_scale: float  # δ that adds a vector as long as the residual stream at its layer
 
     @property
     def name(self) -> str:
@@ -172,26 +174,43 @@ def steer_report(
 
 
 def auto_neurons(
-    report: NeuronReport, n: int = 5, *, min_tokens: int = 2, topk_only: bool = True
+    report: NeuronReport,
+    n: int = 5,
+    *,
+    min_tokens: int = 5,
+    entropy_quantile: float = 0.5,
+    topk_only: bool = True,
 ) -> list[Neuron]:
-    """The ``n`` neurons with the lowest semantic entropy (ties: lowest token entropy) among
-    those with at least ``min_tokens`` above-threshold tokens — in TopK layers when the model
-    has any and ``topk_only``.
+    """Low-semantic-entropy neurons that write their own concept, best steering candidates first.
+
+    Candidates: neurons of the TopK layers (all layers for a dense model or ``topk_only=False``)
+    with at least ``min_tokens`` concept tokens and a semantic entropy in the lowest
+    ``entropy_quantile`` of those. They are ranked by ``self_logit_z`` — how strongly the
+    neuron's output vector w_k raises its concept tokens' direct logits U·w_k.
+
+    Why the ranking: a neuron that only *detects* its tokens (fires on " France", " Japan", ...)
+    writes "the current token is a country", and steering it makes the model continue as after
+    a country (" is", "."), not name one. Only a neuron whose output direction raises its
+    concept's logits can raise their frequency.
 
         for neuron in auto_neurons(report, n=3): print(neuron.name)
     """
+    if not 0.0 < entropy_quantile <= 1.0:
+        raise TopKError(f"entropy_quantile must lie in (0, 1], got {entropy_quantile}")
     layers = [e for e in report.layers if e.is_topk] if topk_only else []
-    layers = layers or report.layers
-    candidates = []
-    for entry in layers:
+    pool = []
+    for entry in layers or report.layers:
         for unit, sem in enumerate(entry.semantic_entropy):
-            if sem is None or len(entry.top_token_ids[unit]) < min_tokens:
-                continue
-            h_token = entry.token_entropy[unit]
-            candidates.append((sem, math.inf if h_token is None else h_token, entry, unit))
-    candidates.sort(key=lambda c: (c[0], c[1]))
+            if sem is not None and entry.self_logit_z[unit] is not None \
+                    and len(entry.top_token_ids[unit]) >= min_tokens:
+                pool.append((sem, entry, unit))
+    if not pool:
+        return []
+    pool.sort(key=lambda c: c[0])
+    low = pool[: max(1, math.ceil(len(pool) * entropy_quantile))]
+    low.sort(key=lambda c: -c[1].self_logit_z[c[2]])
     return [Neuron(layer=entry.layer, unit=unit, tokens=entry.top_tokens[unit],
                    token_ids=entry.top_token_ids[unit], semantic_entropy=sem,
-                   token_entropy=None if math.isinf(h_token) else h_token,
-                   peak=entry.peak[unit])
-            for sem, h_token, entry, unit in candidates[:n]]
+                   token_entropy=entry.token_entropy[unit], peak=entry.peak[unit],
+                   self_logit_z=entry.self_logit_z[unit], delta_scale=entry.delta_scale[unit])
+            for sem, entry, unit in low[:n]]
