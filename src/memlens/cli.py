@@ -440,8 +440,8 @@ NmpOpt = Annotated[int, typer.Option("--nmp-max-em", help="EM ≤ this is non-me
 LimitOpt = Annotated[int | None, typer.Option("--limit", help="Use the first N paragraphs.")]
 MaxOpt = Annotated[int, typer.Option("--max-paragraphs",
                                      help="MP (and NMP) paragraphs used beyond the scan.")]
-LrOpt = Annotated[float, typer.Option("--lr", help="Adam learning rate (paper: 1e-5; tiny "
-                                      "organisms need ~1e-3).")]
+LrOpt = Annotated[float, typer.Option("--lr", help="Adam learning rate (paper: 1e-5; small "
+                                      "organisms need ~1e-2).")]
 StepsOpt = Annotated[int, typer.Option("--steps", help="Optimizer steps (reference: 5).")]
 FracOpt = Annotated[float, typer.Option("--fraction", help="Share of weights in the mask.")]
 WdOpt = Annotated[float, typer.Option("--weight-decay", help="L2 weight decay (paper: 1.0).")]
@@ -650,12 +650,12 @@ def memorization_all(
     out: OutOpt = Path("memorization"), as_json: JsonOpt = False, device: DeviceOpt = None,
     prefix_len: PrefixOpt = 50, suffix_len: SuffixOpt = 50, mp_min_em: MpOpt = None,
     nmp_max_em: NmpOpt = 10, limit: LimitOpt = None, max_paragraphs: MaxOpt = 32,
-    lr: LrOpt = 1e-3, steps: StepsOpt = 10, fraction: FracOpt = 0.001,
+    lr: LrOpt = 1e-2, steps: StepsOpt = 10, fraction: FracOpt = 0.001,
     weight_decay: WdOpt = 1.0,
 ):
     """Scan, perturb, attribute, heads, unlearn and edit in one run; writes summary.json.
 
-    Defaults for the update (lr 1e-3, 10 steps) suit the small organisms; GPT-Neo 125M
+    Defaults for the update (lr 1e-2, 10 steps) suit the small organisms; GPT-Neo 125M
     follows the paper with --lr 1e-5 --steps 5."""
     from memlens.memorization.pipeline import run_all
 
