@@ -120,7 +120,10 @@ def plot_heads(result: HeadsResult, path: str | Path) -> Path:
     ax2.set(xlabel="head", ylabel="layer",
             title=f"attention mass on the {result.rare_ranks} rarest ranks")
     layer, head = result.candidate
+    n_layers, n_heads = result.tau.shape
     for ax in (ax1, ax2):
+        ax.set_xticks(range(n_heads))
+        ax.set_yticks(range(n_layers))
         ax.add_patch(plt.Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, ec="k", lw=2))
     return _save(fig, path)
 
