@@ -23,7 +23,7 @@ SECTION = "## topk training"
 def _model(arch: str):
     import transformers as tf
 
-    common = dict(vocab_size=4096, tie_word_embeddings=True)
+    common = dict(vocab_size=4096, bos_token_id=0, eos_token_id=0, tie_word_embeddings=True)
     if arch == "gpt2":
         config = tf.GPT2Config(n_layer=6, n_embd=256, n_head=8, n_positions=128, resid_pdrop=0.0,
                                embd_pdrop=0.0, attn_pdrop=0.0, **common)

@@ -246,6 +246,8 @@ def test_neuron_report_on_a_topk_model(trained_topk_handle):
         assert len(entry.token_entropy) == len(entry.top_tokens) == 128
         assert all(0 <= h <= math.log(vocab) + 1e-6 for h in entry.token_entropy if h is not None)
         assert all(0 <= h <= math.log2(20) for h in entry.semantic_entropy if h is not None)
+    eos = handle.tokenizer.eos_token_id
+    assert all(eos not in ids for e in report.layers for ids in e.top_token_ids)
     back = NeuronReport.from_dict(json.loads(json.dumps(report.to_dict())))
     assert back.summary() == report.summary()
     with pytest.raises(TopKError, match="vocabulary"):
@@ -274,10 +276,14 @@ def test_steer_report_and_auto_pick(trained_topk_handle):
 
     handle = trained_topk_handle
     report = neuron_report(handle, neuron_blocks(handle.tokenizer, _TEXT, 32))
-    picks = auto_neurons(report, n=2)
+    picks = auto_neurons(report, n=3, min_tokens=2)
     assert picks and all(p.layer in (0, 1) and len(p.token_ids) >= 2 for p in picks)
-    sems = [p.semantic_entropy for p in picks]
-    assert sems == sorted(sems)
+    zs = [p.self_logit_z for p in picks]
+    assert zs == sorted(zs, reverse=True)  # strongest writers of their own concept first
+    pool = sorted(s for e in report.layers[:2] for s, ids in zip(e.semantic_entropy,
+                  e.top_token_ids, strict=True) if s is not None and len(ids) >= 2)
+    assert all(p.semantic_entropy <= pool[math.ceil(len(pool) / 2) - 1] for p in picks)
+    assert all(p.delta_scale > 0 for p in picks)
     neuron = picks[0]
     result = steer_report(handle, neuron.layer, neuron.unit, neuron.token_ids, [0.0, 50.0],
                           ["The capital of"], max_new_tokens=6)
