@@ -10,6 +10,7 @@ on the data). Dense and TopK alternate in rounds so that load from other process
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import time
 from pathlib import Path
@@ -65,6 +66,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     rows = []
+    load_before = os.getloadavg()[0]
     for arch in ("gpt2", "llama"):
         speed = measure(arch, args.steps, args.rounds)
         rows.append(f"| {arch} 6×256 | {speed['dense']:,.0f} | {speed['topk']:,.0f} | "
@@ -73,9 +75,10 @@ def main() -> None:
     body = "\n".join([
         SECTION, "",
         f"`python -m benchmarks.bench_topk --steps {args.steps} --rounds {args.rounds}` "
-        f"({time.strftime('%Y-%m-%d')}, 2 threads, CPU shared with other processes; "
-        "median of rounds, dense and TopK alternating). Batch 16 × 128 tokens, k = d_ff/16, "
-        "the last 2 of 6 layers dense.", "",
+        f"({time.strftime('%Y-%m-%d')}, 2 threads; 1-min load average {load_before:.1f} "
+        f"before, {os.getloadavg()[0]:.1f} after — above 2 the CPU is shared and the ratio is "
+        "noisy; median of rounds, dense and TopK alternating). Batch 16 × 128 tokens, "
+        "k = d_ff/16, the last 2 of 6 layers dense.", "",
         "| model | dense tokens/s | TopK tokens/s | TopK / dense |", "|---|---|---|---|",
         *rows, "",
     ])
