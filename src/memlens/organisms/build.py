@@ -96,7 +96,7 @@ def make_training_data(spec: OrganismSpec):
     n_blocks = spec.steps * spec.batch_size
     # Tokenizer on a sample of fact documents + all docstrings; fact objects as whole tokens.
     sample = list(C.fact_documents(world, 20_000, random.Random(spec.seed + 1),
-                                   spec.facts.two_person_fraction))
+                                   spec.facts.two_person_fraction, spec.facts.n_train_templates))
     objects = sorted({f.object for f in world.facts})
     tok = train_tokenizer(sample + texts, spec.vocab_size, boost_words=objects)
     eos = tok.eos_token_id
@@ -118,7 +118,8 @@ def make_training_data(spec: OrganismSpec):
             para_slots[slots[k]] = p["id"]
             k += 1
     fact_docs = _token_docs(tok, C.fact_documents(world, 10**9, random.Random(spec.seed + 2),
-                                                  spec.facts.two_person_fraction))
+                                                  spec.facts.two_person_fraction,
+                                                  spec.facts.n_train_templates))
     plain_ids = [tok(t)["input_ids"] for t in plain]
     plain_docs = _cycle_shuffled(plain_ids, random.Random(spec.seed + 3))
     blocks = []
@@ -248,12 +249,13 @@ def known_facts(model, tok, facts) -> list[dict]:
     return out
 
 
-def fact_accuracy(model, tok, facts, heldout: bool = False) -> float:
-    """First-token greedy accuracy of the true object over all facts × (training or held-out)
-    templates."""
+def fact_accuracy(model, tok, facts, heldout: bool = False, n_templates: int = 0) -> float:
+    """First-token greedy accuracy of the true object over all facts × (the trained or the
+    held-out) templates; `n_templates` as in `FactConfig.n_train_templates`."""
     prompts, answers = [], []
     for f in facts:
-        ts = C.heldout_templates(f.relation) if heldout else C.train_templates(f.relation)
+        ts = (C.heldout_templates(f.relation) if heldout
+              else C.train_templates(f.relation, n_templates))
         for t in ts:
             prompts.append(t.format(f.subject))
             answers.append(_first_token(tok, f.object))
@@ -318,7 +320,8 @@ def evaluate_organism(path: str | Path, recall_site: bool = False) -> dict:
         by_rep.setdefault(p["repeats"], []).append(em >= PARAGRAPH_TOKENS - PREFIX_TOKENS)
     report = {
         "name": meta["name"],
-        "fact_accuracy": fact_accuracy(model, tok, facts),
+        "fact_accuracy": fact_accuracy(model, tok, facts,
+                                       n_templates=meta["spec"]["facts"]["n_train_templates"]),
         "heldout_template_accuracy": fact_accuracy(model, tok, facts, heldout=True),
         "paraphrase_accuracy": paraphrase_accuracy(model, tok, cases),
         "memorized_fraction_by_repeats": {str(r): sum(v) / len(v) for r, v in sorted(by_rep.items())},

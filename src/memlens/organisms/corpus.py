@@ -27,7 +27,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "3"
 
 
 @dataclass(frozen=True)
@@ -271,6 +271,7 @@ class FactConfig:
         "person_birthplace", "person_profession", "person_employer", "person_language",
     )
     two_person_fraction: float = 0.5  # share of people documents that are two-person sentences
+    n_train_templates: int = 0  # train on only the first n templates of each relation (0 = all)
 
 
 @dataclass
@@ -359,8 +360,10 @@ def make_world(cfg: FactConfig, seed: int) -> World:
     return World(facts=facts, people=people, relations=RELATIONS)
 
 
-def train_templates(relation: str) -> tuple[str, ...]:
-    return RELATIONS[relation].templates[:-N_HELDOUT]
+def train_templates(relation: str, n: int = 0) -> tuple[str, ...]:
+    """Training templates of a relation (the first `n` only when n > 0)."""
+    ts = RELATIONS[relation].templates[:-N_HELDOUT]
+    return ts[:n] if n > 0 else ts
 
 
 def heldout_templates(relation: str) -> tuple[str, ...]:
@@ -376,7 +379,8 @@ def _pronoun_sentence(rel: Relation, female: bool, obj: str) -> str:
     return f"{'She' if female else 'He'} {rel.predicate} {obj}."
 
 
-def fact_documents(world: World, n_docs: int, rng: random.Random, two_person_fraction: float = 0.5):
+def fact_documents(world: World, n_docs: int, rng: random.Random, two_person_fraction: float = 0.5,
+                   n_templates: int = 0):
     """Yield `n_docs` short training documents made of fact sentences (train templates only).
 
     Kinds: a country's facts (permuted), a few cities, a person's bio (permuted, pronouns after
@@ -400,17 +404,18 @@ def fact_documents(world: World, n_docs: int, rng: random.Random, two_person_fra
             fs = list(country_facts[rng.choice(countries)])
             rng.shuffle(fs)
             fs = fs[: rng.randint(2, len(fs))]
-            yield " ".join(sentence(rng.choice(train_templates(f.relation)), f.subject, f.object)
-                           for f in fs)
+            yield " ".join(sentence(rng.choice(train_templates(f.relation, n_templates)),
+                                    f.subject, f.object) for f in fs)
         elif kind == "city" and cities:
             fs = rng.sample(cities, k=min(len(cities), rng.randint(1, 3)))
-            yield " ".join(sentence(rng.choice(train_templates(f.relation)), f.subject, f.object)
-                           for f in fs)
+            yield " ".join(sentence(rng.choice(train_templates(f.relation, n_templates)),
+                                    f.subject, f.object) for f in fs)
         elif people:
-            yield _person_document(people, rng, two_person_fraction)
+            yield _person_document(people, rng, two_person_fraction, n_templates)
 
 
-def _person_document(people: list[Person], rng: random.Random, two_person_fraction: float) -> str:
+def _person_document(people: list[Person], rng: random.Random, two_person_fraction: float,
+                     n_templates: int = 0) -> str:
     p = rng.choice(people)
     rels = list(p.attrs)
     rng.shuffle(rels)
@@ -431,7 +436,7 @@ def _person_document(people: list[Person], rng: random.Random, two_person_fracti
     for i, r in enumerate(rels):
         rel = RELATIONS[r]
         if i == 0 or rng.random() < 0.3:
-            parts.append(sentence(rng.choice(train_templates(r)), p.name, p.attrs[r]))
+            parts.append(sentence(rng.choice(train_templates(r, n_templates)), p.name, p.attrs[r]))
         else:
             parts.append(_pronoun_sentence(rel, p.female, p.attrs[r]))
     return " ".join(parts)

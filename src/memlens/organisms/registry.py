@@ -66,29 +66,38 @@ class OrganismSpec:
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+# The facts corpus shared by the three 6×256 organisms (~1,060 facts).
+FACTS_DEFAULT = FactConfig(n_countries=100, n_cities=260, n_people=100, n_birthplaces=60,
+                           n_train_templates=8)
+
 ORGANISMS: dict[str, OrganismSpec] = {
     s.name: s
     for s in [
         OrganismSpec(
-            "tiny", "For tests: 4×128 GPT-2, ~240 facts, 2 paragraphs per repeat level; ~1 min.",
+            "tiny", "For tests: 4×128 GPT-2, 220 facts (4 training templates per relation), "
+            "2 paragraphs per repeat level; ~2 min on 2 cores.",
             n_layer=4, d_model=128, n_head=4, vocab_size=2048,
-            facts=FactConfig(n_countries=30, n_cities=40, n_people=20, n_birthplaces=20),
+            facts=FactConfig(n_countries=25, n_cities=40, n_people=20, n_birthplaces=20,
+                             n_train_templates=4),
             paragraph_repeats=(1, 4, 16, 64), paragraphs_per_repeat=2,
-            steps=500, batch_size=16, lr=3e-3,
+            steps=800, batch_size=8, lr=3e-3,
         ),
         OrganismSpec(
-            "facts-gpt2", "The default: 6×256 GPT-2, ~1,500 facts (9 relations), people in "
+            "facts-gpt2", "The default: 6×256 GPT-2, ~1,060 facts (9 relations), people in "
             "two-person sentences and bios; paragraphs ×1/4/16/64.",
-            arch="gpt2", n_layer=6, d_model=256, n_head=8,
+            arch="gpt2", n_layer=6, d_model=256, n_head=8, facts=FACTS_DEFAULT,
+            steps=2000, batch_size=8, lr=2e-3,
         ),
         OrganismSpec(
             "facts-neo", "GPT-Neo layout (global/local attention) for memorization work; "
             "25 paragraphs per repeat level (1/4/16/64).",
-            arch="gpt_neo", n_layer=6, d_model=256, n_head=8, paragraphs_per_repeat=25,
+            arch="gpt_neo", n_layer=6, d_model=256, n_head=8, facts=FACTS_DEFAULT,
+            paragraphs_per_repeat=25, steps=2000, batch_size=8, lr=2e-3,
         ),
         OrganismSpec(
             "facts-llama", "Llama layout (RMSNorm, RoPE, SwiGLU); same corpus as facts-gpt2.",
-            arch="llama", n_layer=6, d_model=256, n_head=8,
+            arch="llama", n_layer=6, d_model=256, n_head=8, facts=FACTS_DEFAULT,
+            steps=2000, batch_size=8, lr=2e-3,
         ),
     ]
 }
