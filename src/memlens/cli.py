@@ -423,6 +423,180 @@ def eval_counterfact(
                       f"{result.extra['skipped'][0]['reason']}")
 
 
+# ── MEMIT, fine-tuning baselines, scaling curve (memlens.edit.memit/finetune/scaling) ──
+
+RequestsOpt = Annotated[Path, typer.Option("--requests", help="JSON/JSONL: flat requests "
+                                           "{prompt, subject, target_new} or CounterFact records.")]
+SaveOpt = Annotated[Path | None, typer.Option("--save", help="New directory for the edited model.")]
+NOpt = Annotated[int | None, typer.Option("--n", help="Only the first N requests.")]
+
+
+def _batch_check(handle, requests) -> dict:
+    """Over many requests: mean P(target_new) and, where target_true is known, the share with
+    P(new) > P(true) (efficacy)."""
+    from memlens.evaluate.scoring import score_targets
+
+    new = score_targets(handle, [r.text for r in requests], [r.target_new for r in requests])
+    known = [(i, r) for i, r in enumerate(requests) if r.target_true]
+    true = score_targets(handle, [r.text for _, r in known], [r.target_true for _, r in known]) \
+        if known else []
+    wins = [new[i].nll < t.nll for (i, _), t in zip(known, true, strict=True)]
+    return {"p_new": sum(s.prob for s in new) / len(new),
+            "efficacy": sum(wins) / len(wins) if wins else None}
+
+
+def _report_batch_edit(handle, edit, requests, before: dict, save: Path | None, as_json: bool,
+                       detail: str) -> None:
+    from memlens.edit import save_edited
+
+    after = _batch_check(handle, requests)
+    result = {**edit.to_dict(), "before": before, "after": after}
+    if save is not None:
+        result["saved"] = str(save_edited(handle, save, edit))
+    if as_json:
+        print_json(result)
+        return
+    for title, row in (("before", before), ("after", after)):
+        eff = f", efficacy {row['efficacy']:.3f}" if row["efficacy"] is not None else ""
+        console.print(f"  {title:6s} mean p(new) {row['p_new']:.3g}{eff}")
+    console.print(f"  {detail}; ‖ΔW‖ " + ", ".join(f"L{k} {v:.4g}"
+                                                  for k, v in edit.delta_norms.items()))
+    console.print(f"  saved: {result['saved']}" if save else
+                  "  (not saved: pass --save DIR to keep the edited model)")
+
+
+@edit_app.command("memit")
+def edit_memit(
+    request_file: RequestsOpt,
+    model: ModelOpt = DEFAULT_MODEL,
+    layers: Annotated[str | None, typer.Option("--layers", help="Band R, e.g. 1-3 (default: "
+                                               "from a causal trace, else a middle band).")]
+    = None,
+    n: NOpt = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Edits per sequential "
+                                                   "MEMIT batch (default: all at once).")] = None,
+    skip_invalid: Annotated[bool, typer.Option("--skip-invalid", help="Drop requests the model "
+                                               "already satisfies instead of failing.")] = False,
+    hparams_file: HParamsOpt = None,
+    corpus: CorpusOpt = None,
+    save: SaveOpt = None,
+    as_json: JsonOpt = False,
+    device: DeviceOpt = None,
+):
+    """Many edits at once with MEMIT, evaluated before and after; --save writes the model."""
+    from memlens.edit import load_requests
+    from memlens.edit.memit import MEMITHyperParams, apply_memit
+    from memlens.model import load_model
+    from memlens.stats import parse_layers
+
+    requests = load_requests(request_file)[:n]
+    handle = load_model(model, device=device)
+    hp = MEMITHyperParams.for_model(handle, path=hparams_file, batch_size=batch_size)
+    if not as_json:
+        console.print(f"[bold]MEMIT[/] {len(requests)} request(s), e.g. {requests[0].describe()}")
+    before = _batch_check(handle, requests)
+    edit = apply_memit(handle, requests, layers=parse_layers(layers) if layers else None,
+                       hparams=hp, corpus=corpus, skip_invalid=skip_invalid,
+                       progress=not as_json)
+    z = edit.log["z"]
+    _report_batch_edit(handle, edit, requests, before, save, as_json,
+                       f"layers {edit.layers} ({edit.log['layer_source']}), z: P(new) "
+                       f"{z['prob_before']:.3g} → {z['prob_after']:.3g}, "
+                       f"{len(edit.log['skipped'])} skipped, {edit.log['seconds']:.1f}s")
+
+
+def _edit_ft(kind: str, request_file: Path, model: str, layer: int | None, n: int | None,
+             hparams_file: Path | None, save: Path | None, as_json: bool,
+             device: str | None) -> None:
+    from memlens.edit import load_requests
+    from memlens.edit.finetune import FTHyperParams, apply_ft
+    from memlens.model import load_model
+
+    requests = load_requests(request_file)[:n]
+    handle = load_model(model, device=device)
+    hp = FTHyperParams.constrained(handle, path=hparams_file) if kind == "ft-l" else \
+        FTHyperParams.for_model(handle, path=hparams_file)
+    if not as_json:
+        console.print(f"[bold]{kind.upper()}[/] {len(requests)} request(s), e.g. "
+                      f"{requests[0].describe()}")
+    before = _batch_check(handle, requests)
+    edit = apply_ft(handle, requests, layer=layer, hparams=hp, progress=not as_json)
+    _report_batch_edit(handle, edit, requests, before, save, as_json,
+                       f"layer {edit.layer} ({edit.log['layer_source']}), loss "
+                       f"{edit.log['loss_first']:.3g} → {edit.log['loss_last']:.3g}, "
+                       f"max |ΔW| {edit.log['max_abs_change']:.3g}")
+
+
+@edit_app.command("ft")
+def edit_ft(request_file: RequestsOpt, model: ModelOpt = DEFAULT_MODEL, layer: LayerOpt = None,
+            n: NOpt = None, hparams_file: HParamsOpt = None, save: SaveOpt = None,
+            as_json: JsonOpt = False, device: DeviceOpt = None):
+    """Baseline FT: fine-tune one layer's MLP output matrix on the requests."""
+    _edit_ft("ft", request_file, model, layer, n, hparams_file, save, as_json, device)
+
+
+@edit_app.command("ft-l")
+def edit_ft_l(request_file: RequestsOpt, model: ModelOpt = DEFAULT_MODEL, layer: LayerOpt = None,
+              n: NOpt = None, hparams_file: HParamsOpt = None, save: SaveOpt = None,
+              as_json: JsonOpt = False, device: DeviceOpt = None):
+    """Baseline FT-L: FT with |W − W₀| ≤ ε (5e-4 unless --hparams sets norm_constraint)."""
+    _edit_ft("ft-l", request_file, model, layer, n, hparams_file, save, as_json, device)
+
+
+@app.command("bench-edits")
+def bench_edits_cmd(
+    model: ModelOpt = DEFAULT_MODEL,
+    sizes: Annotated[str, typer.Option("--sizes", help="Numbers of edits, e.g. 1,10,100,1000.")]
+    = "1,10,100,1000",
+    methods: Annotated[str, typer.Option("--methods", help="Comma-separated: memit, rome, ft-l, "
+                                         "ft.")] = "memit,rome,ft-l",
+    data: Annotated[str | None, typer.Option("--data", help="CounterFact JSON (default: the "
+                                             "model's counterfact.json).")] = None,
+    layers: Annotated[str | None, typer.Option("--layers", help="MEMIT band R, e.g. 1-3.")]
+    = None,
+    layer: Annotated[int | None, typer.Option("--layer", help="Layer of ROME and FT-L.")] = None,
+    ge_cases: Annotated[int, typer.Option("--ge-cases", help="Cases whose generations give "
+                                          "GE.")] = 20,
+    corpus: CorpusOpt = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for scaling.json, "
+                                      "scaling.png and the resumable points.jsonl.")]
+    = Path("bench-edits"),
+    as_json: JsonOpt = False,
+    device: DeviceOpt = None,
+):
+    """Score/ES/PS/NS, GE and wall time vs number of edits for MEMIT, sequential ROME, FT-L."""
+    from memlens.edit.scaling import bench_edits, parse_sizes
+    from memlens.evaluate import load_counterfact
+    from memlens.evaluate.counterfact import resolve_data
+    from memlens.model import load_model
+    from memlens.stats import parse_layers
+
+    handle = load_model(model, device=device)
+    size_list = parse_sizes(sizes)
+    cases = load_counterfact(resolve_data(data, handle))
+    result = bench_edits(handle, cases, size_list,
+                         methods=[m.strip() for m in methods.split(",") if m.strip()],
+                         layers=parse_layers(layers) if layers else None, layer=layer,
+                         corpus=corpus, ge_cases=ge_cases, out_dir=out, progress=not as_json)
+    if as_json:
+        print_json(result.to_dict())
+        return
+    from rich.table import Table
+
+    table = Table(title=f"editing {model}: quality vs number of edits")
+    for column in ("method", "n", "Score", "ES", "PS", "NS", "GE", "seconds"):
+        table.add_column(column, justify="right")
+    for n in result.sizes:
+        pre = result.pre[n]
+        table.add_row("unedited", str(n), *(f"{pre[k]:.3f}" for k in ("Score", "ES", "PS", "NS",
+                                                                      "GE")), "")
+    for row in result.table():
+        table.add_row(row["method"], str(row["n"]), *(f"{row[k]:.3f}" for k in
+                      ("Score", "ES", "PS", "NS", "GE")), f"{row['seconds']:.1f}")
+    console.print(table)
+    console.print(f"written: {out / 'scaling.json'}, {out / 'scaling.png'}")
+
+
 # ── paragraph memorization (memlens.memorization) ───────────────────────────
 
 memorization_app = typer.Typer(help="Find, localize, unlearn and edit memorized paragraphs.",

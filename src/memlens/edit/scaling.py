@@ -1,0 +1,295 @@
+"""The scaling curve of the MEMIT paper (Fig. 5): editing quality vs number of edits, per method.
+
+    cases = load_counterfact("organism:facts-gpt2")
+    result = bench_edits(handle, cases, sizes=[1, 10, 100, 1000], out_dir="bench/")
+    result.table()             # method × n → ES, PS, NS, Score, GE, seconds
+    # bench/scaling.json, bench/scaling.png (Score, ES, PS, NS, GE vs n edits, log x)
+
+For each size n, the first n valid CounterFact cases are edited TOGETHER by each method —
+MEMIT in one batch, ROME one after another (each edit on top of the previous ones), FT-L on all
+n requests at once — then ES/PS/NS/Score are measured on all n cases and GE on the first
+``ge_cases`` of them, the wall time of the editing is recorded, and every edit is undone
+(bit-exact) before the next point. Statistics, context templates and the single edited layer of
+ROME/FT-L are set up once. Each finished point is appended to ``points.jsonl`` in ``out_dir``;
+a re-run with the same settings skips the points already there (resume after an interrupt).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from memlens.edit.requests import validate_request
+from memlens.errors import MemlensError
+from memlens.evaluate.counterfact import CounterFactCase, case_metrics, summarize
+from memlens.evaluate.fluency import ngram_entropy
+from memlens.evaluate.scoring import generate
+
+METHODS = ("memit", "rome", "ft-l", "ft")
+METRICS = ("Score", "ES", "PS", "NS", "GE")
+
+
+@dataclass
+class ScalingPoint:
+    """Quality of one method after n edits made together."""
+
+    method: str
+    n: int  # edits requested
+    n_edited: int  # edits made (ROME may skip a request that became invalid)
+    ES: float
+    PS: float
+    NS: float
+    Score: float
+    GE: float  # on the first ge_cases cases
+    seconds: float  # wall time of the editing (not of the evaluation)
+    extra: dict[str, Any] = field(default_factory=dict)  # layers, z summary, skipped, ...
+
+
+@dataclass
+class ScalingResult:
+    """All points, the unedited model's numbers at each n, and the settings (JSON via to_dict)."""
+
+    model: str
+    sizes: list[int]
+    methods: list[str]
+    points: list[ScalingPoint]
+    pre: dict[int, dict[str, float]]  # n → ES/PS/NS/Score/GE of the unedited model
+    settings: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "sizes": self.sizes, "methods": self.methods,
+                "points": [asdict(p) for p in self.points],
+                "pre": {str(k): v for k, v in self.pre.items()}, "settings": self.settings}
+
+    def table(self) -> list[dict[str, Any]]:
+        """One row per (method, n): the metrics and the seconds."""
+        return [{"method": p.method, "n": p.n, **{m: getattr(p, m) for m in METRICS},
+                 "seconds": p.seconds} for p in self.points]
+
+
+def parse_sizes(spec: str) -> list[int]:
+    """ "1,10,100,1000" → [1, 10, 100, 1000] (sorted, distinct, positive)."""
+    try:
+        sizes = sorted({int(x) for x in spec.split(",") if x.strip()})
+    except ValueError:
+        raise MemlensError(f"cannot parse sizes {spec!r}; use e.g. 1,10,100,1000") from None
+    if not sizes or sizes[0] < 1:
+        raise MemlensError(f"sizes must be positive integers, got {spec!r}")
+    return sizes
+
+
+def valid_cases(handle: Any, cases: Sequence[CounterFactCase], n: int
+                ) -> tuple[list[CounterFactCase], list[dict[str, Any]]]:
+    """The first ``n`` cases whose request is valid for this model (subject found, target_new
+    not already the model's answer), and why the others were skipped."""
+    kept, skipped = [], []
+    for case in cases:
+        if len(kept) >= n:
+            break
+        try:
+            validate_request(handle, case.request)
+            kept.append(case)
+        except MemlensError as exc:
+            skipped.append({"case_id": case.case_id, "reason": str(exc)})
+    return kept, skipped
+
+
+def _quality(handle: Any, cases: Sequence[CounterFactCase], ge_cases: int, max_new_tokens: int
+             ) -> dict[str, float]:
+    """Mean ES/PS/NS (+Score) over ``cases`` and GE over the first ``ge_cases``."""
+    records = [case_metrics(handle, c, generation=None) for c in cases]
+    out = summarize(records)
+    prompts = [p for c in cases[:ge_cases] for p in c.generation_prompts]
+    if prompts:
+        texts = generate(handle, prompts, max_new_tokens=max_new_tokens, sample=True, seed=0)
+        out["GE"] = ngram_entropy(texts)
+    return {k: out[k] for k in ("ES", "PS", "NS", "Score", "GE")}
+
+
+def bench_edits(
+    handle: Any,
+    cases: Sequence[CounterFactCase],
+    sizes: Sequence[int],
+    *,
+    methods: Sequence[str] = ("memit", "rome", "ft-l"),
+    layers: Sequence[int] | None = None,
+    layer: int | None = None,
+    memit_hparams: Any = None,
+    rome_hparams: Any = None,
+    ft_hparams: Any = None,
+    corpus: str | None = None,
+    ge_cases: int = 20,
+    max_new_tokens: int = 30,
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+) -> ScalingResult:
+    """ES/PS/NS/Score, GE and edit wall time of each method at each number of edits.
+
+    ``layers`` is MEMIT's band R and ``layer`` the single layer of ROME and FT-L (both chosen as
+    the editors choose them when None). With ``out_dir``, writes scaling.json and scaling.png
+    and resumes from points.jsonl.
+
+        result = bench_edits(handle, load_counterfact(path), [1, 10, 100], out_dir="bench")
+    """
+    from memlens.edit.context import context_templates
+    from memlens.edit.finetune import FTHyperParams, apply_ft
+    from memlens.edit.hparams import ROMEHyperParams
+    from memlens.edit.memit import MEMITHyperParams, apply_memit, choose_layers
+    from memlens.edit.rome import apply_rome, choose_layer
+    from memlens.stats import layer_stats
+
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise MemlensError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    sizes = sorted({int(s) for s in sizes})
+    chosen, skipped = valid_cases(handle, cases, sizes[-1])
+    if not chosen:
+        raise MemlensError("no valid CounterFact case for this model: "
+                           f"{skipped[0]['reason'] if skipped else 'no cases given'}")
+    if len(chosen) < sizes[-1]:
+        sizes = sorted({min(s, len(chosen)) for s in sizes})
+    requests = [c.request for c in chosen]
+    mhp = memit_hparams or MEMITHyperParams.for_model(handle)
+    rhp = rome_hparams or ROMEHyperParams.for_model(handle)
+    fhp = ft_hparams or FTHyperParams.constrained(handle)
+    band_source = layer_source = "user"
+    if "memit" in methods and layers is None:
+        layers, band_source = (list(mhp.layers), "hparams") if mhp.layers else \
+            choose_layers(handle, requests)
+    if layer is None and any(m in methods for m in ("rome", "ft-l", "ft")):
+        layer, layer_source = (rhp.layer, "hparams") if rhp.layer is not None else \
+            choose_layer(handle, requests[0])
+    need = sorted(set(layers or []) | ({layer} if layer is not None else set()))
+    stats = layer_stats(handle, need, corpus=corpus, n_samples=max(mhp.mom2_n_samples,
+                        rhp.mom2_n_samples), max_len=mhp.mom2_max_len, progress=progress) \
+        if need else {}
+    memit_templates = context_templates(handle, mhp.context_templates, seed=mhp.context_seed)
+    rome_templates = context_templates(handle, rhp.context_templates, seed=rhp.context_seed)
+    settings = {"layers": layers, "layers_source": band_source, "layer": layer,
+                "layer_source": layer_source, "memit_hparams": mhp.to_dict(),
+                "rome_hparams": rhp.to_dict(), "ft_hparams": fhp.to_dict(),
+                "ge_cases": ge_cases, "max_new_tokens": max_new_tokens,
+                "n_cases_skipped": len(skipped), "fingerprint": handle.fingerprint()}
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()
+                         ).hexdigest()[:16]
+    done = _read_points(out_dir, key)
+
+    def edit_with(method: str, n: int) -> tuple[list[Any], dict[str, Any]]:
+        batch = requests[:n]
+        if method == "memit":
+            e = apply_memit(handle, batch, layers=layers, hparams=mhp, stats=stats,
+                            templates=memit_templates, check_current=False, skip_invalid=True,
+                            progress=progress)
+            return [e], {"layers": e.layers, "z": e.log["z"], "skipped": e.log["skipped"]}
+        if method == "rome":
+            edits, failed = [], []
+            for request in batch:
+                try:
+                    edits.append(apply_rome(handle, request, layer=layer, hparams=rhp,
+                                            stats=stats, templates=rome_templates))
+                except MemlensError as exc:
+                    failed.append({"case_id": request.case_id, "reason": str(exc)})
+            return edits, {"layer": layer, "skipped": failed}
+        hp = fhp if method == "ft-l" else fhp.replace(norm_constraint=None)
+        e = apply_ft(handle, batch, layer=layer, hparams=hp, check_current=False)
+        return [e], {"layer": layer, "loss_last": e.log["loss_last"],
+                     "max_abs_change": e.log["max_abs_change"]}
+
+    pre: dict[int, dict[str, float]] = {}
+    points: list[ScalingPoint] = []
+    for n in sizes:
+        if ("pre", n) in done:
+            pre[n] = done[("pre", n)]
+        else:
+            pre[n] = _quality(handle, chosen[:n], ge_cases, max_new_tokens)
+            _append_point(out_dir, key, "pre", n, pre[n])
+    for method in methods:
+        for n in sizes:
+            record = done.get((method, n))
+            if record is None:
+                fingerprint = handle.fingerprint()
+                started = time.perf_counter()
+                edits, extra = edit_with(method, n)
+                seconds = time.perf_counter() - started
+                try:
+                    metrics = _quality(handle, chosen[:n], ge_cases, max_new_tokens)
+                finally:
+                    for e in reversed(edits):
+                        e.undo()
+                if handle.fingerprint(refresh=True) != fingerprint:
+                    raise MemlensError(f"weights differ after undoing {method} at n={n}")
+                record = {"n_edited": len(edits) if method == "rome" else
+                          n - len(extra.get("skipped", [])), **metrics,
+                          "seconds": round(seconds, 3), "extra": extra}
+                _append_point(out_dir, key, method, n, record)
+            points.append(ScalingPoint(method=method, n=n, **record))
+            if progress:
+                print(f"{method:6s} n={n:5d}  Score {record['Score']:.3f}  ES {record['ES']:.3f}"
+                      f"  PS {record['PS']:.3f}  NS {record['NS']:.3f}  GE {record['GE']:.3f}"
+                      f"  {record['seconds']:.1f}s")
+    result = ScalingResult(model=handle.ref, sizes=list(sizes), methods=list(methods),
+                           points=points, pre=pre, settings=settings)
+    if out_dir is not None:
+        out = Path(out_dir)
+        (out / "scaling.json").write_text(json.dumps(result.to_dict(), indent=2, default=str))
+        plot_scaling(result, out / "scaling.png")
+    return result
+
+
+def _read_points(out_dir: str | Path | None, key: str) -> dict[tuple[str, int], dict[str, Any]]:
+    if out_dir is None or not (Path(out_dir) / "points.jsonl").is_file():
+        return {}
+    done = {}
+    for line in (Path(out_dir) / "points.jsonl").read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by an interrupt: measure that point again
+            continue
+        if record.get("key") == key:
+            done[(record["method"], int(record["n"]))] = record["result"]
+    return done
+
+
+def _append_point(out_dir: str | Path | None, key: str, method: str, n: int,
+                  result: dict[str, Any]) -> None:
+    if out_dir is None:
+        return
+    path = Path(out_dir) / "points.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps({"key": key, "method": method, "n": n, "result": result},
+                           default=str) + "\n")
+
+
+def plot_scaling(result: ScalingResult, path: str | Path) -> Path:
+    """Score, ES, PS, NS and GE vs number of edits (log x), one line per method, the unedited
+    model dashed — the layout of the MEMIT paper's Fig. 5."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(3.2 * len(METRICS), 3.0))
+    for ax, metric in zip(axes, METRICS, strict=True):
+        for method in result.methods:
+            pts = sorted((p.n, getattr(p, metric)) for p in result.points if p.method == method)
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=method.upper())
+        ns = sorted(result.pre)
+        ax.plot(ns, [result.pre[n][metric] for n in ns], "k--", lw=1, label="unedited")
+        ax.set_xscale("log")
+        ax.set_xlabel("number of edits")
+        ax.set_title(metric)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Editing {result.model}: quality vs number of edits", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

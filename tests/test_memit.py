@@ -1,0 +1,359 @@
+"""MEMIT, FT/FT-L and the scaling curve: batched z equals one-at-a-time z, a batch of one is a
+rank-one ROME-like insertion, bit-exact undo (also after a failure mid-way), the L∞ bound of
+FT-L, bench-edits end to end, the CLI, and MEMIT on the `tiny` organism."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from memlens.edit import EditRequest
+from memlens.edit.finetune import FTHyperParams, apply_ft, apply_ft_l
+from memlens.edit.keys import fact_token_reads
+from memlens.edit.memit import MEMITHyperParams, apply_memit, memit_layer_delta, middle_band
+from memlens.edit.optimize import DeltaObjective, optimize_deltas
+from memlens.edit.requests import InvalidRequest, answer_ids, greedy_answer
+from memlens.errors import NumericalError, SubjectNotFound
+from memlens.testing import _TEXT
+
+REQUESTS = [EditRequest("{} is a city in", "Toulouse", "Japan"),
+            EditRequest("{} plays the", "Miles Davis", "Paris"),
+            EditRequest("The capital of {} is", "Japan", "Apple"),
+            EditRequest("{} was founded by", "Apple", "Steve Jobs")]
+#: Random models have near-uniform logits and diffuse attention: edit at the last token,
+#: without the norm penalty, so that a few steps move the target at all.
+RANDOM_HP = MEMITHyperParams(fact_token="last", v_weight_decay=0.0, clamp_norm_factor=1e3,
+                             context_templates=((4, 2),), mom2_update_weight=10.0,
+                             mom2_n_samples=200)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _home(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEMLENS_HOME", str(tmp_path / "home"))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    rng = random.Random(0)
+    words = _TEXT.replace(".", "").split()
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(30)) for _ in range(200)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def gpt2(random_model_dirs):
+    from memlens.model import load_model
+
+    return load_model(str(random_model_dirs["gpt2"]), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def llama(random_model_dirs):
+    from memlens.model import load_model
+
+    return load_model(str(random_model_dirs["llama"]), device="cpu")
+
+
+def state(handle):
+    return {k: v.clone() for k, v in handle.model.state_dict().items()}
+
+
+def assert_same_state(handle, before):
+    after = handle.model.state_dict()
+    for key, value in before.items():
+        assert torch.equal(after[key], value), key
+
+
+def targets_of(handle, requests):
+    return [answer_ids(handle.tokenizer, r.text, r.target_new) for r in requests]
+
+
+# ── the batched z optimisation ──────────────────────────────────────────────
+
+
+@pytest.mark.parametrize("model", ["gpt2", "llama"])
+def test_batched_z_equals_z_optimised_one_at_a_time(model, request):
+    handle = request.getfixturevalue(model)
+    requests = REQUESTS * 2
+    point = "blocks.2.hook_resid_post"
+    h0 = fact_token_reads(handle, requests, ["{}"], "last", {point: "bare"})[point]
+    # a stop loss between the facts' losses, so that some facts freeze early and some do not
+    objective = DeltaObjective(fact_token="last", weight_decay=0.0, clamp_norm_factor=50.0,
+                               steps=8, stop_loss=5.6)
+    templates = ["{}", "The capital. {}"]
+    batched = optimize_deltas(handle, point, requests, targets_of(handle, requests), templates,
+                              h0, objective)
+    alone = optimize_deltas(handle, point, requests, targets_of(handle, requests), templates,
+                            h0, objective, max_batch_tokens=0)
+    assert batched.steps == alone.steps
+    torch.testing.assert_close(batched.delta, alone.delta, atol=1e-4, rtol=1e-3)
+    assert batched.delta.abs().max() > 0
+    assert batched.summary()["loss_last"] <= batched.summary()["loss_first"]
+
+
+def test_delta_respects_the_clamp(gpt2):
+    point = "blocks.1.hook_resid_post"
+    h0 = fact_token_reads(gpt2, REQUESTS, ["{}"], "last", {point: "bare"})[point]
+    result = optimize_deltas(gpt2, point, REQUESTS, targets_of(gpt2, REQUESTS), ["{}"], h0,
+                             DeltaObjective(fact_token="last", clamp_norm_factor=0.1,
+                                            weight_decay=0.0, steps=5, lr=5.0))
+    assert (result.delta.norm(dim=1) <= 0.1 * h0.norm(dim=1) * (1 + 1e-5)).all()
+
+
+def test_keys_are_averaged_over_templates(gpt2):
+    point = "blocks.1.mlp.hook_post"
+    templates = ["{}", "The capital. {}", "Paris is a. {}"]
+    mean = fact_token_reads(gpt2, REQUESTS, templates, "subject_last", {point: "mean"})[point]
+    from memlens.edit.compute import compute_k_star
+
+    for i, request in enumerate(REQUESTS):
+        torch.testing.assert_close(
+            mean[i], compute_k_star(gpt2, request, 1, templates, "subject_last").k_star,
+            atol=1e-5, rtol=1e-4)
+
+
+# ── MEMIT ────────────────────────────────────────────────────────────────────
+
+
+def test_layer_delta_of_one_fact_is_the_rank_one_insertion():
+    """Sherman–Morrison: r kᵀ(λC + k kᵀ)⁻¹ = r (C⁻¹k)ᵀ / (λ + kᵀC⁻¹k), ROME's direction C⁻¹k;
+    as λ → 0 it inserts (k, W k + r) exactly."""
+    gen = torch.Generator().manual_seed(0)
+    A = torch.randn(16, 16, generator=gen, dtype=torch.float64)
+    C = A @ A.T / 16 + 0.1 * torch.eye(16, dtype=torch.float64)
+    k = torch.randn(16, 1, generator=gen, dtype=torch.float64)
+    r = torch.randn(8, 1, generator=gen, dtype=torch.float64)
+    u = torch.linalg.solve(C, k)
+    for lam in (0.5, 20000.0):
+        expected = r @ u.T / (lam + float(k.T @ u))
+        torch.testing.assert_close(memit_layer_delta(k, r, C, lam, 0), expected)
+    torch.testing.assert_close(memit_layer_delta(k, r, C, 1e-9, 0) @ k, r, atol=1e-6, rtol=1e-6)
+
+
+def test_layer_delta_rejects_nan():
+    K = torch.ones(4, 2)
+    with pytest.raises(NumericalError, match="no weights were changed"):
+        memit_layer_delta(K, torch.full((3, 2), float("nan")), None, 1.0, 0)
+
+
+def test_memit_batch_of_one_is_a_rank_one_edit_that_reaches_z(gpt2, corpus):
+    before = state(gpt2)
+    hp = RANDOM_HP.replace(context_templates=(), mom2_update_weight=1e-6)
+    edit = apply_memit(gpt2, REQUESTS[:1], layers=[2], hparams=hp, corpus=str(corpus),
+                       progress=False)
+    W = gpt2.arch.get_edit_weight(gpt2.model, 2).double()
+    W0 = edit.originals["transformer.h.2.mlp.c_proj.weight"].double().T
+    s = torch.linalg.svdvals(W - W0)
+    assert s[1] < 1e-4 * s[0]  # rank one
+    assert edit.log["z"]["prob_after"] > edit.log["z"]["prob_before"]
+    # λ ≈ 0 and the bare template only: the top layer now outputs z = h + δ at the fact token
+    edit.undo()
+    point = "blocks.2.hook_resid_post"
+    h0 = fact_token_reads(gpt2, REQUESTS[:1], ["{}"], "last", {point: "bare"})[point]
+    z = optimize_deltas(gpt2, point, REQUESTS[:1], targets_of(gpt2, REQUESTS[:1]), ["{}"], h0,
+                        DeltaObjective.from_hparams(hp)).target
+    edit = apply_memit(gpt2, REQUESTS[:1], layers=[2], hparams=hp, corpus=str(corpus),
+                       progress=False)
+    reached = fact_token_reads(gpt2, REQUESTS[:1], ["{}"], "last", {point: "bare"})[point]
+    torch.testing.assert_close(reached, z, atol=1e-3, rtol=1e-3)
+    edit.undo()
+    assert_same_state(gpt2, before)
+
+
+@pytest.mark.parametrize("model", ["gpt2", "llama"])
+def test_memit_moves_targets_and_undo_is_bit_exact(model, request, corpus):
+    handle = request.getfixturevalue(model)
+    before = state(handle)
+    prompts = [r.text for r in REQUESTS]
+    from memlens.evaluate.scoring import score_targets
+
+    nll_before = [s.nll for s in score_targets(handle, prompts, [r.target_new for r in REQUESTS])]
+    edit = apply_memit(handle, REQUESTS, layers=[1, 2], hparams=RANDOM_HP, corpus=str(corpus),
+                       progress=False)
+    nll_after = [s.nll for s in score_targets(handle, prompts, [r.target_new for r in REQUESTS])]
+    assert sum(nll_after) < sum(nll_before)
+    assert edit.layers == [1, 2] and set(edit.delta_norms) == {1, 2}
+    assert edit.log["method"] == "memit" and edit.log["n_requests"] == 4
+    json.dumps(edit.to_dict())
+    edit.undo()
+    assert_same_state(handle, before)
+
+
+def test_memit_sequential_batches_and_undo(gpt2, corpus):
+    before = state(gpt2)
+    edit = apply_memit(gpt2, REQUESTS, layers=[1, 2], hparams=RANDOM_HP.replace(batch_size=2),
+                       corpus=str(corpus), progress=False)
+    assert edit.log["z"]["batches"] == 2 and len(edit.log["layer_updates"]) == 4
+    edit.undo()
+    assert_same_state(gpt2, before)
+
+
+def test_failure_at_a_later_layer_restores_the_earlier_ones(gpt2, corpus, monkeypatch):
+    import memlens.edit.memit as memit
+
+    before = state(gpt2)
+    real = memit.memit_layer_delta
+
+    def fail_second(K, resid, C, lam, layer):
+        if layer == 2:
+            raise NumericalError("injected")
+        return real(K, resid, C, lam, layer)
+
+    monkeypatch.setattr(memit, "memit_layer_delta", fail_second)
+    with pytest.raises(NumericalError, match="injected"):
+        apply_memit(gpt2, REQUESTS, layers=[1, 2], hparams=RANDOM_HP, corpus=str(corpus),
+                    progress=False)
+    assert_same_state(gpt2, before)
+
+
+def test_bad_requests_fail_before_any_weight_changes(gpt2, corpus):
+    before = state(gpt2)
+    with pytest.raises(SubjectNotFound, match="Toulouse"):
+        apply_memit(gpt2, [REQUESTS[1], {"prompt": "Paris is nice", "subject": "Toulouse",
+                                         "target_new": "x"}],
+                    layers=[1], hparams=RANDOM_HP, corpus=str(corpus), progress=False)
+    current = gpt2.tokenizer.decode(greedy_answer(gpt2, REQUESTS[0].text, 1))
+    same = EditRequest(REQUESTS[0].prompt, REQUESTS[0].subject, current)
+    with pytest.raises(InvalidRequest, match="already answers"):
+        apply_memit(gpt2, [same], layers=[1], hparams=RANDOM_HP, corpus=str(corpus),
+                    progress=False)
+    assert_same_state(gpt2, before)
+    edit = apply_memit(gpt2, [same, REQUESTS[1]], layers=[1], hparams=RANDOM_HP,
+                       corpus=str(corpus), skip_invalid=True, progress=False)
+    assert edit.log["n_requests"] == 1 and edit.log["skipped"][0]["index"] == 0
+    edit.undo()
+    assert_same_state(gpt2, before)
+
+
+def test_middle_band():
+    assert middle_band(48) == list(range(12, 18))
+    assert middle_band(4) == [1, 2]
+    assert middle_band(1) == [0]
+
+
+# ── FT / FT-L ────────────────────────────────────────────────────────────────
+
+
+def test_ft_l_respects_its_linf_bound_and_ft_does_not_need_to(gpt2):
+    before = state(gpt2)
+    name = "transformer.h.2.mlp.c_proj.weight"
+    edit = apply_ft_l(gpt2, REQUESTS, layer=2, hparams=FTHyperParams(norm_constraint=1e-3,
+                                                                     lr=1e-2, num_steps=5))
+    change = (gpt2.model.state_dict()[name].double() - before[name].double()).abs().max()
+    assert 0 < change <= 1e-3 + 1e-6 and edit.log["method"] == "ft-l"
+    edit.undo()
+    assert_same_state(gpt2, before)
+    edit = apply_ft(gpt2, REQUESTS, layer=2, hparams=FTHyperParams(lr=1e-2, num_steps=5))
+    assert edit.log["max_abs_change"] > 1e-3 and edit.log["loss_last"] < edit.log["loss_first"]
+    edit.undo()
+    assert_same_state(gpt2, before)
+
+
+# ── bench-edits and the CLI ──────────────────────────────────────────────────
+
+
+def _counterfact(path, n=4):
+    subjects = ["Toulouse", "Paris", "Apple", "Miles Davis", "Steve Jobs", "France"][:n]
+    records = [{"case_id": i, "requested_rewrite": {
+        "prompt": "{} is a city in", "subject": s, "target_new": {"str": "Japan"},
+        "target_true": {"str": "France"}},
+        "paraphrase_prompts": [f"The capital. {s} is in"],
+        "neighborhood_prompts": ["Tokyo is a city in"], "generation_prompts": [f"{s} is"]}
+        for i, s in enumerate(subjects)]
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_bench_edits_writes_json_plot_and_resumes(gpt2, corpus, tmp_path):
+    from memlens.edit.hparams import ROMEHyperParams
+    from memlens.edit.scaling import bench_edits
+    from memlens.evaluate import load_counterfact
+
+    before = state(gpt2)
+    cases = load_counterfact(_counterfact(tmp_path / "cf.json"))
+    kwargs = dict(layers=[1, 2], layer=2, memit_hparams=RANDOM_HP,
+                  rome_hparams=ROMEHyperParams(fact_token="last", context_templates=((4, 2),),
+                                               mom2_n_samples=200),
+                  corpus=str(corpus), ge_cases=2, max_new_tokens=5, out_dir=tmp_path / "b",
+                  progress=False)
+    result = bench_edits(gpt2, cases, [1, 3], **kwargs)
+    assert [(p.method, p.n) for p in result.points] == [
+        (m, n) for m in ("memit", "rome", "ft-l") for n in (1, 3)]
+    assert all(0 <= p.Score <= 1 and p.seconds > 0 for p in result.points)
+    data = json.loads((tmp_path / "b" / "scaling.json").read_text())
+    assert len(data["points"]) == 6 and (tmp_path / "b" / "scaling.png").stat().st_size > 0
+    assert_same_state(gpt2, before)
+    lines = (tmp_path / "b" / "points.jsonl").read_text().count("\n")
+    again = bench_edits(gpt2, cases, [1, 3], **kwargs)  # every point read back, none redone
+    assert (tmp_path / "b" / "points.jsonl").read_text().count("\n") == lines
+    assert again.to_dict()["points"] == result.to_dict()["points"]
+
+
+def test_cli_edit_memit_ft_l_and_bench_edits(random_model_dirs, corpus, tmp_path):
+    from memlens.cli import app
+
+    model = str(random_model_dirs["gpt2"])
+    requests = tmp_path / "req.json"
+    requests.write_text(json.dumps([r.to_dict() for r in REQUESTS]))
+    hp = tmp_path / "hp.json"
+    hp.write_text(json.dumps({k: v for k, v in RANDOM_HP.to_dict().items() if k != "layers"}))
+    runner = CliRunner()
+    out = runner.invoke(app, ["edit", "memit", "--model", model, "--requests", str(requests),
+                              "--layers", "1-2", "--hparams", str(hp), "--corpus", str(corpus),
+                              "--save", str(tmp_path / "edited"), "--json"])
+    assert out.exit_code == 0, out.output
+    log = json.loads((tmp_path / "edited" / "edit_log.json").read_text())
+    assert log["edits"][0]["method"] == "memit" and log["edits"][0]["layers"] == [1, 2]
+    out = runner.invoke(app, ["edit", "ft-l", "--model", model, "--requests", str(requests),
+                              "--layer", "2", "--n", "2"])
+    assert out.exit_code == 0, out.output
+    assert "FT-L" in out.output and "max |ΔW|" in out.output
+    out = runner.invoke(app, ["edit", "memit", "--model", model, "--requests", str(requests),
+                              "--layers", "9"])
+    assert out.exit_code != 0 and "out of range" in str(out.exception)
+
+
+# ── the `tiny` organism ─────────────────────────────────────────────────────
+
+
+@pytest.mark.slow
+def test_memit_on_tiny_edits_many_facts_and_spares_unrelated_ones(tiny_handle, tiny_organism):
+    """20 CounterFact edits in one batch. The tiny organism recalls largely through a
+    last-position shortcut, so z at the subject's last token reaches only P(new) ≈ 0.4 and
+    λ must be small; measured there: ES 0.85 (17/20), 29/40 unrelated answers kept
+    (see docs/memit.md). The thresholds leave a little room below those numbers."""
+    from memlens.edit.scaling import valid_cases
+    from memlens.evaluate.counterfact import case_metrics, load_counterfact, summarize
+
+    handle = tiny_handle
+    cases, _ = valid_cases(handle, load_counterfact(tiny_organism / "counterfact.json"), 20)
+    edited = {c.request.subject for c in cases}
+    known = [f for f in json.loads((tiny_organism / "known_facts.json").read_text())
+             if f["subject"] not in edited][:40]
+    answers = [greedy_answer(handle, f["prompt"], 1) for f in known]
+    before = state(handle)
+    pre = summarize([case_metrics(handle, c, generation=None) for c in cases])
+    hp = MEMITHyperParams.for_model(handle, mom2_update_weight=300.0, clamp_norm_factor=4.0,
+                                    context_templates=())
+    edit = apply_memit(handle, [c.request for c in cases], layers=[0, 1], hparams=hp,
+                       progress=False)
+    post = summarize([case_metrics(handle, c, generation=None) for c in cases])
+    kept = sum(greedy_answer(handle, f["prompt"], 1) == a for f, a in zip(known, answers,
+                                                                          strict=True))
+    edit.undo()
+    assert_same_state(handle, before)
+    assert post["ES"] >= pre["ES"] + 0.6
+    assert kept >= 0.6 * len(known)
