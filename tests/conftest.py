@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 
 import pytest
 
@@ -45,3 +47,17 @@ def tiny_handle(tiny_organism):
     from memlens.model import load_model
 
     return load_model(str(tiny_organism), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """Path of headless Chromium, installing Debian's package when absent and we are root (CI)."""
+    from memlens.report.browser import find_chromium
+
+    if find_chromium() is None and shutil.which("apt-get") and os.geteuid() == 0:
+        subprocess.run("apt-get update -qq && apt-get install -y -qq chromium", shell=True,
+                       capture_output=True, timeout=900, check=False)
+    path = find_chromium()
+    if path is None:
+        pytest.skip("Chromium is not installed and could not be installed (needs root and apt)")
+    return path

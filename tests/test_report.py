@@ -3,23 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import subprocess
 
 import pytest
 
-from memlens.report.browser import find_chromium, render_dom
+from memlens.report.browser import render_dom
 from memlens.report.html import Section, Table, build_report
-
-
-def _ensure_chromium() -> str | None:
-    """Chromium's path, installing Debian's package when absent and we are root (CI)."""
-    if find_chromium() is None and shutil.which("apt-get") and os.geteuid() == 0:
-        subprocess.run("apt-get update -qq && apt-get install -y -qq chromium", shell=True,
-                       capture_output=True, timeout=900, check=False)
-    return find_chromium()
 
 
 @pytest.fixture
@@ -56,9 +45,7 @@ def test_report_is_self_contained(report_dir):
     assert summary["rome"]["score"] == 1.0 and summary["trace"]["command"].startswith("memlens")
 
 
-def test_report_renders_in_headless_chromium(report_dir):
-    if _ensure_chromium() is None:
-        pytest.skip("Chromium is not installed and could not be installed (needs root + apt)")
+def test_report_renders_in_headless_chromium(report_dir, chromium):
     index = build_report(report_dir)
     dom = render_dom(index)
     assert 'data-ready="yes"' in dom, "the page's load handler did not run"

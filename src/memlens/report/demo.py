@@ -1,53 +1,299 @@
-"""``memlens demo``: run every capability that is built on the default organism.
+"""``memlens demo``: the whole story on the default organism, as a report a researcher would share.
 
-Each capability registers a step here; steps whose module is not built yet are listed as such.
+    index = run_demo(Path("memlens-report"))                  # every section, then the HTML
+    index = run_demo(out, DemoConfig.quick("organism:tiny"))   # seconds-scale settings (tests)
+
+Each section calls the same API as its CLI command (printed in the report beside its numbers),
+saves its results and figures in ``out/<section>/`` with a ``section.json``, and a failure in one
+section is recorded in the report (status "failed", with the error) without stopping the others.
+``memlens report out`` rebuilds the page from the saved sections without recomputing.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
-DEFAULT_MODEL = "organism:facts-gpt2"
+from memlens.report.html import Section, Table, build_report
 
-#: (section title, module that must exist, what it shows)
-CAPABILITIES: list[tuple[str, str, str]] = [
-    ("Causal tracing", "memlens.trace", "where the organism recalls a fact (ROME §2)"),
-    ("ROME", "memlens.edit.rome", "one rank-one edit with before/after evaluation"),
-    ("MEMIT", "memlens.edit.memit", "a batch of edits and the scaling curve"),
-    ("Paragraph memorization", "memlens.memorization", "scan, heads and sparse unlearning"),
-    ("TopK LMs", "memlens.topk", "training comparison, neuron entropies and steering"),
-]
+console = Console()
 
 
-def _built(module: str) -> bool:
-    try:
-        importlib.import_module(module)
-    except ModuleNotFoundError:
-        return False
-    return True
+@dataclass
+class DemoConfig:
+    """What the demo runs and how big each step is (defaults: the README's figures)."""
+
+    model: str = "organism:facts-gpt2"
+    memorization_model: str | None = None  # default: ``model``
+    sections: tuple[str, ...] = ("organism", "trace", "rome", "memit", "memorization", "topk")
+    trace_samples: int = 10
+    trace_avg_facts: int = 100
+    rome_cases: int = 20
+    memit_sizes: tuple[int, ...] = (1, 10, 100)
+    memorization_paragraphs: int | None = None  # None: all of the organism's paragraphs
+    topk_steps: int = 300
+    topk_auto: int = 4
+    generation_tokens: int = 20
+
+    @classmethod
+    def quick(cls, model: str) -> DemoConfig:
+        """Seconds-scale settings for tests and smoke runs."""
+        return cls(model=model, trace_samples=3, trace_avg_facts=4, rome_cases=2,
+                   memit_sizes=(2,), memorization_paragraphs=8, topk_steps=20, topk_auto=1,
+                   generation_tokens=8)
 
 
-def run_demo(out: Path, model: str = DEFAULT_MODEL) -> Path:
-    """Build the default organism, run the built capabilities, and write ``out/summary.json``."""
+def run_demo(out: Path, config: DemoConfig | None = None) -> Path:
+    """Run the configured sections on ``config.model``; write ``out/index.html`` and summary."""
     from memlens.model import load_model
 
-    console = Console()
+    config = config or DemoConfig()
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    handle = load_model(model)
-    summary: dict = {"model": handle.info(), "sections": {}}
-    console.print(f"[bold]model[/] {model}: {handle.n_layers} layers, d_model {handle.d_model}, "
-                  f"{handle.n_params:,} parameters")
-    for title, module, what in CAPABILITIES:
-        status = "built" if _built(module) else "not built yet"
-        summary["sections"][title] = {"module": module, "shows": what, "status": status}
-        console.print(f"  {title:<24} {status}: {what}")
-    summary["seconds"] = round(time.perf_counter() - start, 1)
-    path = out / "summary.json"
-    path.write_text(json.dumps(summary, indent=2))
-    return path
+    console.rule(f"memlens demo on {config.model}")
+    handle = load_model(config.model)
+    for order, key in enumerate(config.sections):
+        if key not in SECTIONS:
+            raise KeyError(f"unknown demo section {key!r}; known: {', '.join(SECTIONS)}")
+        title, step = SECTIONS[key]
+        console.rule(f"[bold]{title}")
+        directory = out / key
+        directory.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        try:
+            section = step(handle, directory, config)
+        except Exception as exc:  # noqa: BLE001 - one failed section must not hide the others
+            console.print(f"[bold red]{title} failed:[/] {exc}")
+            section = Section(key=key, title=title, command="", model=config.model,
+                              status="failed", text=f"{type(exc).__name__}: {exc}\n\n"
+                              + traceback.format_exc(limit=3))
+        section.key, section.title, section.order = key, title, order
+        section.seconds = round(time.perf_counter() - start, 1)
+        section.save(directory)
+        console.print(f"{title}: {section.status} in {section.seconds:.0f} s")
+    index = build_report(out, title=f"memlens report: {config.model}")
+    (out / "demo_config.json").write_text(json.dumps(asdict(config), indent=1))
+    return index
+
+
+def _figures(directory: Path, names: list[Path] | list[str]) -> list[str]:
+    """PNG figure names relative to ``directory`` (SVGs stay on disk for papers)."""
+    return [Path(name).name for name in names if str(name).endswith(".png")]
+
+
+def _organism(handle, directory: Path, config: DemoConfig) -> Section:
+    from memlens.organisms.build import evaluate_organism
+
+    if handle.source_dir is None or not (handle.source_dir / "organism.json").exists():
+        return Section(key="", title="", command="", model=config.model, status="skipped",
+                       text="The model is not a memlens organism.")
+    report = evaluate_organism(handle.source_dir)
+    (directory / "organism_eval.json").write_text(json.dumps(report, indent=1))
+    memorized = report["memorized_fraction_by_repeats"]
+    return Section(
+        key="", title="", model=config.model,
+        command=f"memlens organism eval {config.model.removeprefix('organism:')} --json",
+        summary={k: report[k] for k in ("fact_accuracy", "heldout_template_accuracy",
+                                        "paraphrase_accuracy", "n_facts", "n_params",
+                                        "train_seconds") if k in report},
+        tables=[Table("Memorized paragraphs (EM 50/50) by number of repeats",
+                      ["repeats", "memorized fraction", "mean EM"],
+                      [[r, memorized[r], report["mean_em_by_repeats"][r]] for r in memorized])],
+        text="The organism memlens trained itself: first-token accuracy on its facts (training "
+             "templates), on held-out templates and on the CounterFact paraphrase prompts; "
+             "paragraphs are memorized only when repeated often.",
+    )
+
+
+def _trace(handle, directory: Path, config: DemoConfig) -> Section:
+    from memlens.organisms.registry import organism_file
+    from memlens.trace import average_trace, load_facts, trace_fact
+    from memlens.trace.plot import plot_average, plot_trace
+
+    facts = load_facts(organism_file(config.model, "known_facts.json"))
+    fact = facts[0]
+    single = trace_fact(handle, fact["prompt"], fact["subject"], samples=config.trace_samples)
+    single.save(directory / "trace.json")
+    figures = plot_trace(single, directory, model_name=config.model)
+    avg = average_trace(handle, facts, n=config.trace_avg_facts, samples=config.trace_samples,
+                        progress=True, resume=directory / "cases.jsonl")
+    (directory / "trace_avg.json").write_text(json.dumps(avg.to_json(), indent=1))
+    figures += plot_average(avg, directory)
+    site = avg.recall_site()
+    rows = [[kind, site["aie_last_subject_token"][kind]["max"],
+             site["aie_last_subject_token"][kind]["layer"],
+             site["aie_last_token"][kind]["max"], site["aie_last_token"][kind]["layer"]]
+            for kind in site["aie_last_subject_token"]]
+    return Section(
+        key="", title="", model=config.model,
+        command=f'memlens trace --model {config.model} --prompt "{fact["prompt"]}" '
+                f'--subject "{fact["subject"]}" --kind all; memlens trace-avg --model '
+                f"{config.model} --n {config.trace_avg_facts}",
+        hparams={"samples": config.trace_samples, "noise": single.noise, "window": single.window},
+        summary={"prompt": fact["prompt"], "answer": single.answer, "p_clean": single.p_clean,
+                 "p_corrupted": single.p_corrupted, "facts_traced": avg.n_facts,
+                 "facts_skipped_wrong": avg.n_skipped_wrong, "ATE": avg.ate},
+        tables=[Table("Recall site: max AIE over layers", ["kind", "last subject token",
+                      "layer", "last token", "layer"], rows)],
+        figures=_figures(directory, figures),
+        text="Causal tracing (ROME §2): the subject's embeddings are corrupted with Gaussian "
+             "noise, then the clean state of one (token, layer) is restored; the heatmaps show "
+             "the probability of the correct answer after each restoration. The average over "
+             "known facts groups tokens as in the paper.",
+    )
+
+
+def _rome(handle, directory: Path, config: DemoConfig) -> Section:
+    from memlens.edit import apply_rome
+    from memlens.evaluate import evaluate_counterfact, load_counterfact
+    from memlens.organisms.registry import organism_file
+
+    data = organism_file(config.model, "counterfact.json")
+    cases = load_counterfact(data, n=config.rome_cases)
+    case = cases[0]
+    request = case.request
+    prompts = [request.prompt.format(request.subject)] + list(case.paraphrase_prompts[:1]) \
+        + list(case.neighborhood_prompts[:1])
+    before = _generate(handle, prompts, config.generation_tokens)
+    edit = apply_rome(handle, request)
+    after = _generate(handle, prompts, config.generation_tokens)
+    layer = edit.layer
+    edit.undo()
+    result = evaluate_counterfact(handle, cases, editor="rome", progress=True)
+    (directory / "counterfact.json").write_text(json.dumps(result.to_dict(), indent=1,
+                                                           default=str))
+    rows = [[metric, values["pre"], values["post"]] for metric, values in result.summary.items()
+            if isinstance(values, dict)]
+    return Section(
+        key="", title="", model=config.model,
+        command=f"memlens edit rome --model {config.model} --request req.json; memlens eval "
+                f"counterfact --model {config.model} --edit rome --n {config.rome_cases}",
+        hparams={"layer": layer, "request": {"prompt": request.prompt, "subject":
+                                             request.subject, "target_new": request.target_new}},
+        summary={"edited_layer": layer, "cases": len(cases)},
+        tables=[Table(f"Generations before / after {request.subject}: {request.target_true} → "
+                      f"{request.target_new}", ["prompt", "before", "after"],
+                      [[p, b, a] for p, b, a in zip(prompts, before, after, strict=True)]),
+                Table("CounterFact, one ROME edit at a time (undone between)",
+                      ["metric", "pre", "post"], rows)],
+        text="ROME (§3) writes one new fact into one MLP matrix with a rank-one update; "
+             "ES/PS/NS compare P(new) with P(true) on the rewrite, paraphrase and neighbourhood "
+             "prompts before and after each edit.",
+    )
+
+
+def _memit(handle, directory: Path, config: DemoConfig) -> Section:
+    from memlens.edit.scaling import bench_edits, plot_scaling
+    from memlens.evaluate import load_counterfact
+    from memlens.organisms.registry import organism_file
+
+    cases = load_counterfact(organism_file(config.model, "counterfact.json"))
+    result = bench_edits(handle, cases, config.memit_sizes, out_dir=directory, progress=True)
+    figure = plot_scaling(result, directory / "scaling.png")
+    (directory / "scaling.json").write_text(json.dumps(result.to_dict(), indent=1, default=str))
+    rows = [[r["method"], r["n"], r["ES"], r["PS"], r["NS"], r["Score"], r["GE"], r["seconds"]]
+            for r in result.table()]
+    return Section(
+        key="", title="", model=config.model,
+        command=f"memlens bench-edits --model {config.model} --sizes "
+                + ",".join(map(str, config.memit_sizes)),
+        hparams={"sizes": list(config.memit_sizes)},
+        tables=[Table("Edits at once: MEMIT vs sequential ROME vs FT-L",
+                      ["method", "edits", "ES", "PS", "NS", "Score", "GE", "seconds"], rows)],
+        figures=[Path(figure).name],
+        text="MEMIT spreads many edits over a band of MLP layers in one batch; ROME applied "
+             "one after another and constrained fine-tuning (FT-L) are the baselines.",
+    )
+
+
+def _memorization(handle, directory: Path, config: DemoConfig) -> Section:
+    from memlens.memorization import load_paragraphs
+    from memlens.memorization.pipeline import Settings, run_all
+    from memlens.model import load_model
+
+    model = config.memorization_model or config.model
+    target = load_model(model, attn_implementation="eager")
+    paragraphs = load_paragraphs(target)
+    if config.memorization_paragraphs:
+        paragraphs = paragraphs[: config.memorization_paragraphs]
+    summary = run_all(target, paragraphs, directory, Settings())
+    rows = []
+    for mode in ("unlearn", "edit"):
+        for method, values in summary[mode].items():
+            rows.append([mode, method, values["n_weights"], _fmt(values["before"]),
+                         _fmt(values["after"])])
+    heads = summary["heads"]
+    return Section(
+        key="", title="", model=model,
+        command=f"memlens memorization all --model {model} --out {directory}",
+        hparams=summary["settings"],
+        summary={"scan": summary["scan"], "candidate_head": heads.get("candidate")},
+        tables=[Table("Sparse unlearning and editing (before → after)",
+                      ["objective", "mask", "weights", "before", "after"], rows)],
+        figures=sorted(p.name for p in directory.glob("*.png")),
+        text="Paragraphs repeated in training are decoded greedily from a 50-token prefix; "
+             "exact match (EM) and suffix NLL separate memorized (MP) from non-memorized (NMP) "
+             "paragraphs. Gradients locate them; updating only the top 0.1% of weights by the "
+             "contrastive objective's gradient unlearns MP while NMP stays.",
+    )
+
+
+def _fmt(values: Any) -> str:
+    if isinstance(values, dict):
+        return ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                         for k, v in values.items())
+    return str(values)
+
+
+def _topk(handle, directory: Path, config: DemoConfig) -> Section:
+    from memlens.topk import TopKTrainConfig, run_all
+
+    cfg = TopKTrainConfig(steps=config.topk_steps)
+    summary = run_all(config.model, directory, cfg, n_auto=config.topk_auto,
+                      max_new_tokens=config.generation_tokens)
+    markdown = (directory / "summary.md").read_text() if (directory / "summary.md").exists() \
+        else ""
+    return Section(
+        key="", title="", model=config.model,
+        command=f"memlens topk all --organism {config.model} --steps {config.topk_steps} "
+                f"--out {directory}",
+        hparams=asdict(cfg),
+        summary={k: v for k, v in summary.items() if not isinstance(v, dict | list)},
+        figures=sorted(p.name for p in directory.glob("*.png")),
+        text="A TopK LM (only k MLP units active per token) and its dense twin trained on the "
+             "same data and budget; neurons of the TopK model have lower token entropy, and "
+             "adding δ to one of them steers generation toward its concept.\n\n" + markdown,
+    )
+
+
+def _generate(handle, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy continuations of ``prompts`` (one at a time: no padding effects)."""
+    import torch
+
+    texts = []
+    for prompt in prompts:
+        ids = handle.encode([prompt]).input_ids
+        with torch.no_grad():
+            out = handle.model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                        pad_token_id=handle.tokenizer.pad_token_id)
+        texts.append(handle.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    return texts
+
+
+SECTIONS: dict[str, tuple[str, Callable[..., Section]]] = {
+    "organism": ("The model organism", _organism),
+    "trace": ("Causal tracing", _trace),
+    "rome": ("ROME: one edit, evaluated", _rome),
+    "memit": ("MEMIT: many edits at once", _memit),
+    "memorization": ("Paragraph memorization", _memorization),
+    "topk": ("TopK language model", _topk),
+}
+
+__all__ = ["SECTIONS", "DemoConfig", "run_demo"]
