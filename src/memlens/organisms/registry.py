@@ -142,6 +142,21 @@ def ensure(name: str, *, progress: bool = True) -> Path:
     except OSError as e:
         raise MemlensError(f"cannot write the organism cache at {root} ({e.strerror or e}); set "
                            f"MEMLENS_HOME to a writable directory") from e
+    # One builder at a time per organism (other processes wait, then find it built).
+    with open(root / f".lock-{final.name}", "w") as lock:
+        try:
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except ImportError:  # not on POSIX: no cross-process lock
+            pass
+        if is_built(final):
+            return final
+        return _build(spec, final, progress)
+
+
+def _build(spec: OrganismSpec, final: Path, progress: bool) -> Path:
+    root = final.parent
     if final.exists():  # half-written or stale: never load it
         shutil.rmtree(final, ignore_errors=True)
     # Build in a stable temp dir so an interrupted build resumes from its checkpoint.
