@@ -34,7 +34,7 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def main(n: int, layer: int | None, write: bool) -> dict:
+def main(n: int, layer: int | None, write: bool, model: str | None = None) -> dict:
     from memlens.edit.context import context_templates
     from memlens.edit.keys import fact_token_reads
     from memlens.edit.memit import MEMITHyperParams, middle_band
@@ -44,7 +44,7 @@ def main(n: int, layer: int | None, write: bool) -> dict:
     from memlens.model import load_model
 
     torch.set_num_threads(1)
-    path = pick_model()
+    path = model or pick_model()
     handle = load_model(path, device="cpu")
     cases = load_counterfact(Path(path) / "counterfact.json")
     requests = [cases[i % len(cases)].request for i in range(n)]
@@ -111,6 +111,8 @@ if __name__ == "__main__":
     parser.add_argument("--n", type=int, default=1000, help="number of edits")
     parser.add_argument("--layer", type=int, default=None, help="z layer (default: top of "
                         "the middle band)")
+    parser.add_argument("--model", default=None, help="an organism directory (default: "
+                        "facts-gpt2 if built, else tiny)")
     parser.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
     args = parser.parse_args()
-    main(args.n, args.layer, not args.no_write)
+    main(args.n, args.layer, not args.no_write, args.model)

@@ -243,10 +243,13 @@ def _optimize_group(handle: Any, point: str, facts: list[_Fact], index: list[int
 
         optimizer.zero_grad()
         with hooks.edit(handle.model, point, add_delta):
-            logits = handle.model(input_ids=input_ids[row_on].to(device),
-                                  attention_mask=attention[row_on].to(device)).logits
+            # the body only; the unembedding runs at the few positions the loss reads
+            hidden = handle.model.base_model(
+                input_ids=input_ids[row_on].to(device),
+                attention_mask=attention[row_on].to(device)).last_hidden_state
+        unembed = handle.arch.unembedding(handle.model)
         # NLL_i: mean over fact i's label tokens (each prompt has the same target length)
-        picked = logits[remap[lab_on[:, 0]].to(device), lab_on[:, 1].to(device)].float()
+        picked = unembed(hidden[remap[lab_on[:, 0]].to(device), lab_on[:, 1].to(device)]).float()
         token_lp = torch.log_softmax(picked, dim=-1).gather(
             1, lab_on[:, 2, None].to(device)).squeeze(1)
         lab_fact = lab_on[:, 3].to(device)
@@ -255,8 +258,8 @@ def _optimize_group(handle: Any, point: str, facts: list[_Fact], index: list[int
         nll = nll_sum / count.clamp(min=1)
         # KL(edited ‖ original) at each active fact's KL prompt
         kl_r = remap[kl_rows_t[facts_on]].to(device)
-        kl_lp = torch.log_softmax(logits[kl_r, row_lookup_t[kl_rows_t[facts_on]].to(device)]
-                                  .float(), dim=-1)
+        kl_lp = torch.log_softmax(unembed(hidden[kl_r, row_lookup_t[kl_rows_t[facts_on]]
+                                                 .to(device)]).float(), dim=-1)
         if kl_init is None:
             kl_init = kl_lp.detach().clone()  # step 0: every fact is active
         kl = torch.zeros(m, device=device)
