@@ -390,7 +390,7 @@ def test_tiny_unlearning_lowers_mp_em_more_than_nmp(tiny_handle, tiny_split):
     mp, nmp = result.split(paragraphs)
     state = {k: v.clone() for k, v in tiny_handle.model.state_dict().items()}
     update = run_update(tiny_handle, paragraph_tensor(mp), paragraph_tensor(nmp),
-                        method="sparse", lr=1e-2, steps=10, keep=False)
+                        method="sparse", lr=1e-1, steps=10, keep=False)
     mp_drop = update.before["mp_em"] - update.after["mp_em"]
     assert mp_drop > 0, update.after
     assert abs(update.after["nmp_em"] - update.before["nmp_em"]) < mp_drop

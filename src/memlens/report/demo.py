@@ -38,16 +38,18 @@ class DemoConfig:
     rome_cases: int = 20
     memit_sizes: tuple[int, ...] = (1, 10, 100)
     memorization_paragraphs: int | None = None  # None: all of the organism's paragraphs
+    memorization_max: int = 32  # MP and NMP paragraphs used by perturb / attribute / updates
     topk_steps: int = 300
     topk_auto: int = 4
+    topk_neuron_blocks: int = 512  # held-out blocks the neuron entropies are measured on
     generation_tokens: int = 20
 
     @classmethod
     def quick(cls, model: str) -> DemoConfig:
         """Seconds-scale settings for tests and smoke runs."""
         return cls(model=model, trace_samples=3, trace_avg_facts=4, rome_cases=2,
-                   memit_sizes=(2,), memorization_paragraphs=8, topk_steps=20, topk_auto=1,
-                   generation_tokens=8)
+                   memit_sizes=(2,), memorization_paragraphs=8, memorization_max=2,
+                   topk_steps=20, topk_auto=1, topk_neuron_blocks=16, generation_tokens=8)
 
 
 def run_demo(out: Path, config: DemoConfig | None = None) -> Path:
@@ -223,7 +225,8 @@ def _memorization(handle, directory: Path, config: DemoConfig) -> Section:
     paragraphs = load_paragraphs(target)
     if config.memorization_paragraphs:
         paragraphs = paragraphs[: config.memorization_paragraphs]
-    summary = run_all(target, paragraphs, directory, Settings())
+    settings = Settings(max_mp=config.memorization_max, max_nmp=config.memorization_max)
+    summary = run_all(target, paragraphs, directory, settings)
     rows = []
     for mode in ("unlearn", "edit"):
         for method, values in summary[mode].items():
@@ -257,6 +260,7 @@ def _topk(handle, directory: Path, config: DemoConfig) -> Section:
 
     cfg = TopKTrainConfig(steps=config.topk_steps)
     summary = run_all(config.model, directory, cfg, n_auto=config.topk_auto,
+                      n_neuron_blocks=config.topk_neuron_blocks,
                       max_new_tokens=config.generation_tokens)
     markdown = (directory / "summary.md").read_text() if (directory / "summary.md").exists() \
         else ""
