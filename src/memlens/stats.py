@@ -5,7 +5,8 @@
     stats[4].count                                    # number of tokens averaged
 
 k is the input of the edited matrix W (hook ``blocks.L.mlp.hook_post``), read at every non-pad
-token. Sums are accumulated in float64. Results are cached atomically under
+token; each batch's Σ k kᵀ is formed in float32 (≤ batch_tokens terms) and added to float64
+sums. Results are cached atomically under
 ``$MEMLENS_HOME/stats/<model fingerprint>/<corpus>-n<samples>-len<max_len>/layer<L>.safetensors``;
 a run checkpoints its partial sums every few batches and resumes after an interrupt.
 A corpus is a text file (one sample per non-empty line), JSON/JSONL (strings or {"text": ...}),
@@ -249,8 +250,8 @@ def _collect(handle: Any, layers: list[int], texts: list[str], max_len: int,
 
     def reader(layer: int):
         def read(k: torch.Tensor) -> None:  # k: (B, T, d_ff)
-            keys = k.reshape(-1, k.shape[-1])[mask_flat["m"].to(k.device)].to(torch.float64)
-            sums[layer].addmm_(keys.T, keys)  # Σ k kᵀ over non-pad tokens
+            keys = k.reshape(-1, k.shape[-1])[mask_flat["m"].to(k.device)].float()
+            sums[layer] += (keys.T @ keys).double()  # Σ k kᵀ: float32 per batch, float64 total
             if layer == deepest:
                 raise _StopForward
 
