@@ -70,7 +70,7 @@ def main() -> None:
             start = time.perf_counter()
             alone = {layer: layer_stats(handle, [layer], **kwargs)[layer] for layer in LAYERS}
             six.append(time.perf_counter() - start)
-    diff = max(float((together[l].mom2 - alone[l].mom2).abs().max()) for l in LAYERS)
+    diff = max(float((together[i].mom2 - alone[i].mom2).abs().max()) for i in LAYERS)
     t_one, t_six = statistics.median(one), statistics.median(six)
     tokens = together[0].count
     row = (f"| {model_name} | {args.samples} samples ({tokens:,} tokens) | {t_six:.2f} | "

@@ -11,13 +11,21 @@ import torch
 from typer.testing import CliRunner
 
 from memlens.edit import ROMEHyperParams, apply_rome
-from memlens.evaluate import (CounterFactCase, GenerationConfig, ReferenceTexts, TfIdf,
-                              case_metrics, evaluate_counterfact, load_counterfact, ngram_entropy,
-                              token_accuracy)
+from memlens.errors import MemlensError
+from memlens.evaluate import (
+    CounterFactCase,
+    GenerationConfig,
+    ReferenceTexts,
+    TfIdf,
+    case_metrics,
+    evaluate_counterfact,
+    load_counterfact,
+    ngram_entropy,
+    token_accuracy,
+)
 from memlens.evaluate.counterfact import SUMMARY_KEYS, summarize
 from memlens.evaluate.fluency import entropy_of_ngrams, text_ngram_entropy
 from memlens.evaluate.scoring import score_targets
-from memlens.errors import MemlensError
 from memlens.testing import _TEXT
 
 RECORD = {

@@ -263,6 +263,10 @@ def test_context_templates_are_generated_once_and_cached(random_model_dirs, tmp_
 
 # ── the `tiny` organism ─────────────────────────────────────────────────────
 
+#: tiny's MLP outputs at the subject are small (‖v₀‖ ≈ 3) next to the change a new fact needs:
+#: with the reference clamp (4 ‖v₀‖) δ saturates and ES stays near 0; a wider ball fixes it.
+TINY_HP = ROMEHyperParams(clamp_norm_factor=20.0, v_weight_decay=0.05)
+
 
 @pytest.mark.slow
 def test_rome_on_tiny_rewrites_the_fact_and_spares_unrelated_facts(tiny_handle, tiny_organism):
@@ -274,18 +278,18 @@ def test_rome_on_tiny_rewrites_the_fact_and_spares_unrelated_facts(tiny_handle, 
     before = state(handle)
     stats = layer_stats(handle, [1], progress=False)
     successes = 0
-    for case in cases[:3]:
+    for case in cases[:5]:
         req = case.request
-        others = [f for f in known if f["subject"] != req.subject][:40]
+        others = [f for f in known if f["subject"] != req.subject][::5]
         answers = [greedy_answer(handle, f["prompt"], 1) for f in others]
-        edit = apply_rome(handle, req, layer=1, stats=stats, progress=False)
+        edit = apply_rome(handle, req, layer=1, stats=stats, hparams=TINY_HP, progress=False)
         new_ids = answer_ids(handle.tokenizer, req.text, req.target_new)
         successes += greedy_answer(handle, req.text, len(new_ids)) == new_ids
-        kept = sum(greedy_answer(handle, f["prompt"], 1) == a for f, a in zip(others, answers))
+        kept = sum(greedy_answer(handle, f["prompt"], 1) == a for f, a in zip(others, answers, strict=True))
         assert kept >= 0.9 * len(others)
         edit.undo()
         assert_same_state(handle, before)
-    assert successes == 3
+    assert successes >= 4
 
 
 @pytest.mark.slow
@@ -294,5 +298,5 @@ def test_target_equal_to_the_current_answer_is_refused_on_tiny(tiny_handle, tiny
     before = state(tiny_handle)
     with pytest.raises(InvalidRequest, match="already answers"):
         apply_rome(tiny_handle, {"prompt": fact["prompt"], "subject": fact["subject"],
-                                 "target_new": fact["answer"]}, layer=1, progress=False)
+                                 "target_new": fact["attribute"]}, layer=1, progress=False)
     assert_same_state(tiny_handle, before)

@@ -273,7 +273,7 @@ def _collect(handle: Any, layers: list[int], texts: list[str], max_len: int,
                     bar.advance()
                 if partial is not None and (index + 1) % checkpoint_every == 0 \
                         and index + 1 < len(batches):
-                    _atomic_torch_save(partial, {"sums": {l: s.cpu() for l, s in sums.items()},
+                    _atomic_torch_save(partial, {"sums": {k: s.cpu() for k, s in sums.items()},
                                                  "count": count, "done": index + 1,
                                                  "n_batches": len(batches)})
     finally:
@@ -290,8 +290,13 @@ class ProgressBar:
     """A rich progress bar over batches (no-op wrapper so callers stay simple)."""
 
     def __init__(self, title: str, total: int, done: int):
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeRemainingColumn)
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
 
         self._progress = Progress(TextColumn("{task.description}"), BarColumn(),
                                   MofNCompleteColumn(), TimeRemainingColumn(), transient=True)

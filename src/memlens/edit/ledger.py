@@ -108,7 +108,7 @@ def apply_layer_deltas(handle: Any, deltas: dict[int, torch.Tensor],
             raise NumericalError(f"the update of layer {layer} contains NaN/inf; "
                                  "no weights were changed")
     arch, model = handle.arch, handle.model
-    edit = EditHandle.snapshot(handle, [edit_weight_name(handle, l) for l in deltas],
+    edit = EditHandle.snapshot(handle, [edit_weight_name(handle, layer) for layer in deltas],
                                log=dict(log or {}), layers=sorted(deltas))
     for layer, delta in sorted(deltas.items()):
         W = arch.get_edit_weight(model, layer)

@@ -43,6 +43,21 @@ def choose_layer(handle: Any, request: EditRequest) -> tuple[int, str]:
     return int(best_layer(handle, request.text, request.subject, kind="mlp")), "causal trace"
 
 
+def left_vector(C: torch.Tensor | None, k_star: torch.Tensor, layer: int) -> torch.Tensor:
+    """u = C⁻¹ k* in float64 (Cholesky solve); k* itself when C is None."""
+    k_star = k_star.double()
+    if C is None:
+        return k_star
+    C = C.to(k_star.device, torch.float64)
+    L, info = torch.linalg.cholesky_ex(C)
+    if int(info) != 0:
+        raise NumericalError(
+            f"the key second moment C of layer {layer} is not positive definite (too few or "
+            "too repetitive corpus samples for its d_ff); collect statistics over more "
+            "samples, or set mom2_adjustment=False; no weights were changed")
+    return torch.cholesky_solve(k_star[:, None], L).squeeze(1)
+
+
 @dataclass
 class RankOneUpdate:
     """ΔW = right ⊗ left / denominator, as (d_model, d_ff)."""
@@ -60,17 +75,7 @@ def rank_one_update(handle: Any, layer: int, keys: Keys, vstar: VStar, C: torch.
                     *, legacy: bool = False) -> RankOneUpdate:
     """The ROME update of ``layer`` from k*, v* and C (None: identity, no covariance)."""
     k_star = keys.k_star.double()
-    if C is None:
-        u = k_star
-    else:
-        C = C.to(k_star.device, torch.float64)
-        L, info = torch.linalg.cholesky_ex(C)
-        if int(info) != 0:
-            raise NumericalError(
-                f"the key second moment C of layer {layer} is not positive definite (too few or "
-                "too repetitive corpus samples for its d_ff); collect statistics over more "
-                "samples, or set mom2_adjustment=False; no weights were changed")
-        u = torch.cholesky_solve(k_star[:, None], L).squeeze(1)  # C⁻¹ k*
+    u = left_vector(C, keys.k_star, layer)  # C⁻¹ k*
     k_insert = keys.k_bare.double() if legacy else k_star
     v_current = mlp_output_of(handle, layer, k_insert.float()).double()  # W k + b
     right = vstar.v_star.double().to(v_current.device) - v_current

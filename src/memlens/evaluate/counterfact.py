@@ -116,8 +116,11 @@ class GenerationConfig:
     seed: int = 0
 
 
+DEFAULT_GENERATION = GenerationConfig()
+
+
 def case_metrics(handle: Any, case: CounterFactCase, *,
-                 generation: GenerationConfig | None = GenerationConfig(),
+                 generation: GenerationConfig | None = DEFAULT_GENERATION,
                  references: ReferenceTexts | None = None) -> dict[str, Any]:
     """ES/PS/NS, EM/PM/NM, ACC, GE, RS of the model as it is now, for one case."""
     req = case.request
@@ -248,7 +251,7 @@ def evaluate_counterfact(
     hparams: Any = None,
     corpus: str | None = None,
     references: ReferenceTexts | None = None,
-    generation: GenerationConfig | None = GenerationConfig(),
+    generation: GenerationConfig | None = DEFAULT_GENERATION,
     progress: bool = True,
 ) -> CounterFactResult:
     """Pre- and post-edit CounterFact metrics, editing one case at a time (undo between).
