@@ -81,8 +81,8 @@ def main() -> None:
         "`memlens.trace.reference.naive_trace` (the reference's loop: one whole-model forward "
         "pass of batch 1 + S per (kind, token, layer)); memlens = `trace_fact` (clean and "
         "corrupted runs once; per token one batched pass over positions ≥ t from the corrupted "
-        "run's KV cache; no-op and duplicate restorations skipped). Max |Δscore| compares the "
-        "two results.", "",
+        "run's KV cache, each block run only on the rows a restoration can change; no-op and "
+        "duplicate restorations skipped). Max |Δscore| compares the two results.", "",
         "| model | prompt | naive s | memlens s | speed-up | max abs Δscore |",
         "|---|---|---|---|---|---|",
         row, "",

@@ -68,7 +68,7 @@ def plot_trace(result: TraceResult, out: str | Path, *, model_name: str = "") ->
         ax.set_xlabel(f"restored layer{window}" + (f" in {model_name}" if model_name else ""))
         ax.set_title(TITLES.get(kind, kind), fontsize=9)
         bar = fig.colorbar(image, ax=ax)
-        bar.ax.set_title(f"p({result.answer.strip()})", fontsize=8)
+        bar.set_label(f"p({result.answer.strip()!r})", fontsize=8)
         paths += _save(fig, out, f"trace_{kind}")
         plt.close(fig)
     return paths
