@@ -384,8 +384,12 @@ def eval_counterfact(
     device: DeviceOpt = None,
 ):
     """ES/PS/NS (+EM/PM/NM), Score, GE, RS before and after editing each case alone."""
-    from memlens.evaluate import (GenerationConfig, ReferenceTexts, evaluate_counterfact,
-                                  load_counterfact)
+    from memlens.evaluate import (
+        GenerationConfig,
+        ReferenceTexts,
+        evaluate_counterfact,
+        load_counterfact,
+    )
     from memlens.evaluate.counterfact import resolve_data
     from memlens.model import load_model
 
@@ -1071,12 +1075,24 @@ def topk_all(
 
 
 @app.command()
-def demo(out: OutOpt = Path("memlens-report")):
-    """Run every built capability on the embedded default organism and write a report."""
-    from memlens.report.demo import run_demo
+def demo(
+    out: OutOpt = Path("memlens-report"),
+    model: ModelOpt = DEFAULT_MODEL,
+    sections: Annotated[str | None, typer.Option(
+        "--sections", help="Comma-separated subset of: organism, trace, rome, memit, "
+        "memorization, topk.")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="Seconds-scale settings (smoke run).")]
+    = False,
+):
+    """Run every capability on the default organism and write a self-contained HTML report."""
+    from memlens.report.demo import DemoConfig, run_demo
 
-    index = run_demo(out)
-    console.print(f"[bold green]report:[/] {index}")
+    config = DemoConfig.quick(model) if quick else DemoConfig(model=model)
+    if sections:
+        config.sections = tuple(s.strip() for s in sections.split(",") if s.strip())
+    index = run_demo(out, config)
+    console.print(f"[bold green]report:[/] {index.resolve()}")
+    console.print(f"[bold green]summary:[/] {(index.parent / 'summary.json').resolve()}")
 
 
 @app.command()
