@@ -198,6 +198,9 @@ def trace_avg(
     samples: Annotated[int, typer.Option("--samples", help="Noise samples S.")] = 10,
     noise: Annotated[str | None, typer.Option("--noise", help="ν, 'uniform' or 'uniform:X'.")]
     = None,
+    window: Annotated[int, typer.Option("--window", help="Layers restored together for "
+                                        "mlp/attn (use fewer than 10 on shallow models).")]
+    = 10,
     out: OutOpt = Path("memlens-trace-avg"),
     as_json: JsonOpt = False,
     device: DeviceOpt = None,
@@ -218,7 +221,7 @@ def trace_avg(
         facts = organism_file(model, "known_facts.json")
     handle = load_model(model, device=device)
     avg = average_trace(handle, load_facts(facts), n=n, kinds=kind.split(","), samples=samples,
-                        noise=_noise_arg(noise), progress=not as_json,
+                        noise=_noise_arg(noise), window=window, progress=not as_json,
                         resume=out / "cases.jsonl")
     out.mkdir(parents=True, exist_ok=True)
     (out / "trace_avg.json").write_text(json.dumps(avg.to_json(), indent=1))
