@@ -229,3 +229,17 @@ def test_cli_stats_edit_and_eval(random_model_dirs, data_dir, tmp_path):
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout)
     assert list(summary) == list(SUMMARY_KEYS) and summary["n"]["pre"] == 2
+
+
+@pytest.mark.parametrize("name", ["memit", "ft"])
+def test_named_editors_take_the_layer_and_restore_weights(gpt2, data_dir, name):
+    """make_editor("memit"/"ft", layer=1) edits layer 1 only, and evaluation undoes it."""
+    cases = load_counterfact(data_dir / "counterfact.json")[:1]
+    fingerprint = gpt2.fingerprint()
+    result = evaluate_counterfact(gpt2, cases, editor=name, layer=1,
+                                  corpus=str(data_dir / "corpus.txt"), generation=None,
+                                  progress=False)
+    assert gpt2.fingerprint(refresh=True) == fingerprint
+    assert result.summary["n"] == {"pre": 1.0, "post": 1.0}
+    edited = result.cases[0]["edit"]
+    assert list(edited["delta_norms"]) == ["1"] and edited["delta_norms"]["1"] > 0, edited

@@ -245,3 +245,26 @@ def test_tiny_organism_quality(tiny_organism):
     assert r["fact_accuracy"] >= 0.8, r
     mem = r["memorized_fraction_by_repeats"]
     assert mem["64"] >= 0.5 and mem["1"] == 0.0, mem
+
+
+def test_distractor_sentences_name_two_entities_and_keep_the_object_last():
+    rng = random.Random(0)
+    seen = set()
+    for _ in range(40):
+        s = C.distractor_sentence("The capital of {} is", "France", "Spain", "Paris", rng)
+        assert "France" in s and "Spain" in s and s.endswith(" Paris.") and s[0].isupper()
+        assert s.index("Spain") < s.index("France") or "France, " in s
+        seen.add(s.split(" ")[0])
+    assert len(seen) > 1  # infix and prefix frames both occur
+    world = C.make_world(C.FactConfig(n_countries=10, n_cities=10, n_people=4), seed=0)
+    plain = list(C.fact_documents(world, 50, random.Random(1)))
+    mixed = list(C.fact_documents(world, 50, random.Random(1), distractor_fraction=1.0))
+    frames = [f.split("{")[0] for f in C.DISTRACTOR_PREFIX] + [", unlike ", ", not "]
+    assert not any(f in d for d in plain for f in (", unlike ", "Compared with "))
+    assert sum(any(f in d for f in frames) for d in mixed) > 20
+
+
+def test_new_fact_fields_leave_existing_cache_keys_unchanged():
+    spec = registry.ORGANISMS["facts-gpt2"]
+    assert spec.key() == "5d92ae96297d"  # built before distractor_fraction existed
+    assert registry.ORGANISMS["facts-gpt2-distract"].key() != spec.key()

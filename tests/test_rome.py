@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from memlens.edit import EditRequest, ROMEHyperParams, apply_rome, load_requests, save_edited
-from memlens.edit.compute import Keys, VStar, mlp_output_of
+from memlens.edit.compute import Keys, mlp_output_of
 from memlens.edit.context import context_templates
 from memlens.edit.hparams import InvalidHyperParams
 from memlens.edit.ledger import apply_layer_deltas, edit_weight_name
@@ -105,7 +105,7 @@ def test_update_inserts_k_star_or_the_bare_key_when_legacy(random_handle):
     C = A @ A.T / d_ff + torch.eye(d_ff, dtype=torch.float64)
     W = random_handle.arch.get_edit_weight(random_handle.model, 0).double()
     for legacy, inserted in ((False, k.k_star), (True, k.k_bare)):
-        update = rank_one_update(random_handle, 0, k, VStar(v_star, v_star, v_star), C,
+        update = rank_one_update(random_handle, 0, k, v_star, C,
                                  legacy=legacy)
         bias = mlp_output_of(random_handle, 0, torch.zeros(d_ff)).double()
         new_out = (W + update.delta) @ inserted.double() + bias

@@ -21,7 +21,7 @@ from memlens.trace import (
     severed_trace,
     trace_fact,
 )
-from memlens.trace.average import load_facts, token_groups
+from memlens.trace.average import load_facts, select_facts, token_groups
 from memlens.trace.noise import NoiseSpec, draw_noise, resolve_noise
 from memlens.trace.reference import naive_trace, patched_probability
 from memlens.trace.runs import TraceResult, trace_inputs, window_layers
@@ -236,3 +236,12 @@ def test_cli_trace_and_average(random_model_dirs, tmp_path):
     summary = json.loads((avg_out / "trace_avg.json").read_text())
     assert summary["n_facts"] == 1 and summary["n_skipped_invalid"] == 1
     assert (avg_out / "avg_lines.svg").is_file() and (avg_out / "avg_hidden.png").is_file()
+
+
+def test_select_facts_filters_relations_and_spreads_evenly():
+    facts = [{"prompt": f"p{i}", "subject": "s", "relation": "ab"[i // 6]} for i in range(12)]
+    assert [f["prompt"] for f in select_facts(facts, 4)] == ["p0", "p3", "p6", "p9"]
+    assert {f["relation"] for f in select_facts(facts, None, ["b"])} == {"b"}
+    assert len(select_facts(facts, 100)) == 12
+    with pytest.raises(MemlensError, match="the facts have: a, b"):
+        select_facts(facts, None, ["c"])

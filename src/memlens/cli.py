@@ -192,7 +192,11 @@ def trace_avg(
     facts: Annotated[Path | None, typer.Option("--facts", help="JSON list of facts (known-facts "
                                                "or CounterFact format); default: the "
                                                "organism's known_facts.json.")] = None,
-    n: Annotated[int | None, typer.Option("--n", help="Trace the first N facts.")] = None,
+    n: Annotated[int | None, typer.Option("--n", help="Trace N facts spread evenly over the "
+                                          "file (all relations keep their share).")] = None,
+    relation: Annotated[str | None, typer.Option("--relation", help="Comma-separated relations "
+                                                 "to keep (facts with a 'relation' field).")]
+    = None,
     kind: Annotated[str, typer.Option("--kind", help="Comma-separated kinds or 'all'.")]
     = "all",
     samples: Annotated[int, typer.Option("--samples", help="Noise samples S.")] = 10,
@@ -210,7 +214,7 @@ def trace_avg(
     Resumable: traced facts are appended to OUT/cases.jsonl and not traced again.
     """
     from memlens.model import ORGANISM_PREFIX, load_model
-    from memlens.trace import average_trace, load_facts
+    from memlens.trace import average_trace, load_facts, select_facts
     from memlens.trace.plot import plot_average
 
     if facts is None:
@@ -220,7 +224,8 @@ def trace_avg(
 
         facts = organism_file(model, "known_facts.json")
     handle = load_model(model, device=device)
-    avg = average_trace(handle, load_facts(facts), n=n, kinds=kind.split(","), samples=samples,
+    chosen = select_facts(load_facts(facts), n, relation.split(",") if relation else None)
+    avg = average_trace(handle, chosen, kinds=kind.split(","), samples=samples,
                         noise=_noise_arg(noise), window=window, progress=not as_json,
                         resume=out / "cases.jsonl")
     out.mkdir(parents=True, exist_ok=True)
@@ -360,8 +365,10 @@ def edit_rome(
         return
     console.print(f"  layer {edit.layer} ({edit.log['layer_source']}), ‖ΔW‖ "
                   f"{edit.delta_norms[edit.layer]:.4g}, v* loss "
-                  f"{edit.log['v_star']['loss_first']['loss']:.3g} → "
-                  f"{edit.log['v_star']['loss_last']['loss']:.3g}")
+                  f"{edit.log['v_star']['loss_first']:.3g} → "
+                  f"{edit.log['v_star']['loss_last']:.3g}, P(target_new) "
+                  f"{edit.log['v_star']['prob_before']:.3g} → "
+                  f"{edit.log['v_star']['prob_after']:.3g}")
     console.print(f"  saved: {result['saved']}" if save else
                   "  (not saved: pass --save DIR to keep the edited model)")
 

@@ -23,10 +23,11 @@ from typing import Any
 
 import torch
 
-from memlens.edit.compute import Keys, VStar, compute_k_star, compute_v_star, mlp_output_of
+from memlens.edit.compute import Keys, compute_k_star, mlp_output_of
 from memlens.edit.context import context_templates
 from memlens.edit.hparams import ROMEHyperParams
 from memlens.edit.ledger import EditHandle, apply_layer_deltas
+from memlens.edit.optimize import DeltaObjective, DeltaResult, optimize_deltas
 from memlens.edit.requests import EditRequest, coerce_request, validate_request
 from memlens.errors import NumericalError
 from memlens.stats import KeyStats, layer_stats
@@ -71,14 +72,26 @@ class RankOneUpdate:
         return torch.outer(self.right, self.left) / self.denominator
 
 
-def rank_one_update(handle: Any, layer: int, keys: Keys, vstar: VStar, C: torch.Tensor | None,
-                    *, legacy: bool = False) -> RankOneUpdate:
+def compute_v_star(handle: Any, request: EditRequest, layer: int, templates: list[str],
+                   keys: Keys, hparams: ROMEHyperParams, target: list[int]) -> DeltaResult:
+    """v* = v₀ + δ (ROME eq. 4) with v₀ = W k* + b; δ is added to the MLP output at the fact
+    token and minimises NLL(target_new | templated prompts) + kl_factor · KL(edited ‖ original)
+    on "{s} is a" + v_weight_decay · ‖δ‖/‖v₀‖², with ‖δ‖ ≤ clamp_norm_factor · ‖v₀‖ — the same
+    objective as MEMIT's z, so it is :func:`optimize_deltas` for one fact (``.target[0]`` = v*).
+    """
+    v0 = mlp_output_of(handle, layer, keys.k_star)
+    return optimize_deltas(handle, f"blocks.{layer}.hook_mlp_out", [request], [target], templates,
+                           v0[None], DeltaObjective.from_hparams(hparams), max_batch_tokens=0)
+
+
+def rank_one_update(handle: Any, layer: int, keys: Keys, v_star: torch.Tensor,
+                    C: torch.Tensor | None, *, legacy: bool = False) -> RankOneUpdate:
     """The ROME update of ``layer`` from k*, v* and C (None: identity, no covariance)."""
     k_star = keys.k_star.double()
     u = left_vector(C, keys.k_star, layer)  # C⁻¹ k*
     k_insert = keys.k_bare.double() if legacy else k_star
     v_current = mlp_output_of(handle, layer, k_insert.float()).double()  # W k + b
-    right = vstar.v_star.double().to(v_current.device) - v_current
+    right = v_star.double().to(v_current.device) - v_current
     denominator = float(u @ k_insert.to(u.device))
     if not torch.isfinite(u).all() or not torch.isfinite(right).all() or denominator == 0 \
             or denominator != denominator:
@@ -134,7 +147,7 @@ def apply_rome(
         templates = context_templates(handle, hparams.context_templates, seed=hparams.context_seed)
     keys = compute_k_star(handle, request, layer, templates, hparams.fact_token)
     vstar = compute_v_star(handle, request, layer, templates, keys, hparams, target)
-    update = rank_one_update(handle, layer, keys, vstar,
+    update = rank_one_update(handle, layer, keys, vstar.target[0],
                              None if key_stats is None else key_stats.mom2, legacy=legacy)
     log = {
         "method": "rome" + (" (legacy denominator)" if legacy else ""),

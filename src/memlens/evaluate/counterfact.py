@@ -223,22 +223,23 @@ def make_editor(handle: Any, name: str, *, layer: int | None = None, hparams: An
 
         return rome, {"editor": "rome", "layer": layer, "layer_source": source,
                       "hparams": hp.to_dict()}
-    if name in ("memit", "ft"):
-        module, function = {"memit": ("memlens.edit.memit", "apply_memit"),
-                            "ft": ("memlens.edit.finetune", "apply_ft")}[name]
-        try:
-            import importlib
+    if name == "memit":
+        from memlens.edit.memit import apply_memit
 
-            apply = getattr(importlib.import_module(module), function)
-        except (ImportError, AttributeError):
-            raise MemlensError(f"editor {name!r} is not available ({module}.{function} is "
-                               "missing in this installation)") from None
-        kwargs = {k: v for k, v in (("layer", layer), ("hparams", hparams)) if v is not None}
+        layers = [layer] if layer is not None else None
 
-        def edit_one(h: Any, request: EditRequest) -> Any:
-            return apply(h, [request] if name == "memit" else request, **kwargs)
+        def memit(h: Any, request: EditRequest) -> Any:
+            return apply_memit(h, [request], layers=layers, hparams=hparams, corpus=corpus,
+                               progress=False)
 
-        return edit_one, {"editor": name}
+        return memit, {"editor": "memit", "layers": layers or "hparams default"}
+    if name == "ft":
+        from memlens.edit.finetune import apply_ft
+
+        def ft(h: Any, request: EditRequest) -> Any:
+            return apply_ft(h, request, layer=layer, hparams=hparams)
+
+        return ft, {"editor": "ft", "layer": layer}
     raise MemlensError(f"unknown editor {name!r}; choose rome, memit, ft or none")
 
 

@@ -96,7 +96,8 @@ def make_training_data(spec: OrganismSpec):
     n_blocks = spec.steps * spec.batch_size
     # Tokenizer on a sample of fact documents + all docstrings; fact objects as whole tokens.
     sample = list(C.fact_documents(world, 20_000, random.Random(spec.seed + 1),
-                                   spec.facts.two_person_fraction, spec.facts.n_train_templates))
+                                   spec.facts.two_person_fraction, spec.facts.n_train_templates,
+                                   spec.facts.distractor_fraction))
     objects = sorted({f.object for f in world.facts})
     tok = train_tokenizer(sample + texts, spec.vocab_size, boost_words=objects)
     eos = tok.eos_token_id
@@ -119,7 +120,8 @@ def make_training_data(spec: OrganismSpec):
             k += 1
     fact_docs = _token_docs(tok, C.fact_documents(world, 10**9, random.Random(spec.seed + 2),
                                                   spec.facts.two_person_fraction,
-                                                  spec.facts.n_train_templates))
+                                                  spec.facts.n_train_templates,
+                                                  spec.facts.distractor_fraction))
     plain_ids = [tok(t)["input_ids"] for t in plain]
     plain_docs = _cycle_shuffled(plain_ids, random.Random(spec.seed + 3))
     blocks = []
@@ -353,14 +355,11 @@ def recall_site_report(path: str | Path, n_facts: int = 100, *, samples: int = 1
     """
     try:
         from memlens.model import load_model
-        from memlens.trace import average_trace, load_facts
+        from memlens.trace import average_trace, load_facts, select_facts
     except ImportError:
         return None
     path = Path(path)
-    facts = load_facts(path / "known_facts.json")
-    if len(facts) > n_facts:  # even spread over relations (the file is grouped by relation)
-        step = len(facts) / n_facts
-        facts = [facts[int(i * step)] for i in range(n_facts)]
+    facts = select_facts(load_facts(path / "known_facts.json"), n_facts)
     handle = load_model(str(path), device="cpu")
     avg = average_trace(handle, facts, samples=samples, progress=progress)
     if out_json is not None:

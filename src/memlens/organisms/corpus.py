@@ -271,6 +271,10 @@ class FactConfig:
         "person_birthplace", "person_profession", "person_employer", "person_language",
     )
     two_person_fraction: float = 0.5  # share of people documents that are two-person sentences
+    # Share of country/city fact sentences that name a second entity of the same kind whose
+    # attribute does NOT follow ("The capital of France, unlike Spain, is Paris."), so that
+    # copying the nearest entity into the last position is no longer enough (issue 10).
+    distractor_fraction: float = 0.0
     n_train_templates: int = 0  # train on only the first n templates of each relation (0 = all)
 
 
@@ -375,16 +379,36 @@ def sentence(template: str, subject: str, obj: str) -> str:
     return s[0].upper() + s[1:]
 
 
+# Distractor frames for country/city sentences: `{a}` is the subject, `{b}` another entity of the
+# same kind. Infix frames replace the subject in the template; prefix frames precede it.
+DISTRACTOR_INFIX = ("{a}, unlike {b},", "{a}, not {b},", "{a}, which is not {b},")
+DISTRACTOR_PREFIX = ("Unlike {b}, ", "Compared with {b}, ", "Not {b} but ")
+
+
+def distractor_sentence(template: str, subject: str, other: str, obj: str,
+                        rng: random.Random) -> str:
+    """A fact sentence that also names `other`, e.g. "The capital of France, unlike Spain, is
+    Paris." or "Unlike Spain, the capital of France is Paris." (the object is `subject`'s)."""
+    if rng.random() < 0.5:
+        return sentence(template, rng.choice(DISTRACTOR_INFIX).format(a=subject, b=other), obj)
+    body = template.format(subject) + " " + obj + "."
+    if not body.startswith(subject):  # keep proper nouns capitalised, lower-case "The ..."
+        body = body[0].lower() + body[1:]
+    return rng.choice(DISTRACTOR_PREFIX).format(b=other) + body
+
+
 def _pronoun_sentence(rel: Relation, female: bool, obj: str) -> str:
     return f"{'She' if female else 'He'} {rel.predicate} {obj}."
 
 
 def fact_documents(world: World, n_docs: int, rng: random.Random, two_person_fraction: float = 0.5,
-                   n_templates: int = 0):
+                   n_templates: int = 0, distractor_fraction: float = 0.0):
     """Yield `n_docs` short training documents made of fact sentences (train templates only).
 
     Kinds: a country's facts (permuted), a few cities, a person's bio (permuted, pronouns after
-    the first sentence), or a two-person sentence plus a short bio.
+    the first sentence), or a two-person sentence plus a short bio. With `distractor_fraction`
+    > 0, that share of country and city sentences also names another country or city
+    (`distractor_sentence`).
     """
     by_rel = world.by_relation()
     country_facts: dict[str, list[Fact]] = {}
@@ -398,18 +422,27 @@ def fact_documents(world: World, n_docs: int, rng: random.Random, two_person_fra
     n_cf = sum(len(v) for v in country_facts.values())
     n_pf = sum(len(p.attrs) for p in people)
     weights = [n_cf, len(cities), n_pf]
+    city_names = [f.subject for f in cities]
+
+    def fact_sentence(f: Fact, others: list[str]) -> str:
+        template = rng.choice(train_templates(f.relation, n_templates))
+        if distractor_fraction > 0 and rng.random() < distractor_fraction:
+            other = rng.choice(others)
+            while other == f.subject and len(others) > 1:
+                other = rng.choice(others)
+            return distractor_sentence(template, f.subject, other, f.object, rng)
+        return sentence(template, f.subject, f.object)
+
     for _ in range(n_docs):
         kind = rng.choices(("country", "city", "person"), weights=weights)[0]
         if kind == "country" and countries:
             fs = list(country_facts[rng.choice(countries)])
             rng.shuffle(fs)
             fs = fs[: rng.randint(2, len(fs))]
-            yield " ".join(sentence(rng.choice(train_templates(f.relation, n_templates)),
-                                    f.subject, f.object) for f in fs)
+            yield " ".join(fact_sentence(f, countries) for f in fs)
         elif kind == "city" and cities:
             fs = rng.sample(cities, k=min(len(cities), rng.randint(1, 3)))
-            yield " ".join(sentence(rng.choice(train_templates(f.relation, n_templates)),
-                                    f.subject, f.object) for f in fs)
+            yield " ".join(fact_sentence(f, city_names) for f in fs)
         elif people:
             yield _person_document(people, rng, two_person_fraction, n_templates)
 

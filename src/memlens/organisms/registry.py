@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from memlens.errors import MemlensError, UnknownOrganism
@@ -62,6 +62,9 @@ class OrganismSpec:
         d = self.to_dict()
         d.pop("description")
         d.pop("checkpoint_every")
+        # Fields added after generator 3 enter the key only when set, so caches stay valid.
+        if not d["facts"]["distractor_fraction"]:
+            d["facts"].pop("distractor_fraction")
         blob = json.dumps({"generator": GENERATOR_VERSION, "spec": d}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -87,6 +90,14 @@ ORGANISMS: dict[str, OrganismSpec] = {
             "two-person sentences and bios; paragraphs ×1/4/16/64.",
             arch="gpt2", n_layer=6, d_model=256, n_head=8, facts=FACTS_DEFAULT,
             steps=2000, batch_size=8, lr=2e-3,
+        ),
+        OrganismSpec(
+            "facts-gpt2-distract", "Issue-10 variant of facts-gpt2: half of the country and "
+            "city sentences also name a distractor entity (\"The capital of France, unlike "
+            "Spain, is Paris.\"); 8×256, 3,000 steps.",
+            arch="gpt2", n_layer=8, d_model=256, n_head=8,
+            facts=replace(FACTS_DEFAULT, distractor_fraction=0.5),
+            steps=3000, batch_size=8, lr=2e-3,
         ),
         OrganismSpec(
             "facts-neo", "GPT-Neo layout (global/local attention) for memorization work; "

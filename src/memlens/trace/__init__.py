@@ -11,7 +11,13 @@ corrupted and restored runs, the fast batched algorithm, severed runs),
 (heatmaps and line plots), :mod:`~memlens.trace.reference` (the naive algorithm, for checks).
 """
 
-from memlens.trace.average import GROUPS, AverageTrace, average_trace, load_facts
+from memlens.trace.average import (
+    GROUPS,
+    AverageTrace,
+    average_trace,
+    load_facts,
+    select_facts,
+)
 from memlens.trace.noise import NoiseSpec, noise_scale
 from memlens.trace.runs import (
     ALL_KINDS,
@@ -25,6 +31,6 @@ from memlens.trace.runs import (
 
 __all__ = [
     "ALL_KINDS", "GROUPS", "KINDS", "SEVERED_KINDS", "AverageTrace", "NoiseSpec",
-    "TraceResult", "average_trace", "best_layer", "load_facts", "noise_scale",
+    "TraceResult", "average_trace", "best_layer", "load_facts", "noise_scale", "select_facts",
     "severed_trace", "trace_fact",
 ]

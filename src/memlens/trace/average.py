@@ -65,7 +65,31 @@ def load_facts(path: str | Path) -> list[dict[str, str]]:
                 "subject": subject}
         if attribute:
             fact["attribute"] = attribute
+        if record.get("relation"):
+            fact["relation"] = record["relation"]
         facts.append(fact)
+    return facts
+
+
+def select_facts(facts: Sequence[dict[str, str]], n: int | None = None,
+                 relations: Sequence[str] | None = None) -> list[dict[str, str]]:
+    """The facts of `relations` (all if None), thinned to `n` spread evenly over the list.
+
+    Fact files are usually grouped by relation, so the first N facts would all share one
+    relation; an even spread keeps every relation's share. Raises EmptyInput, naming the
+    relations that exist, when none matches.
+    """
+    facts = list(facts)
+    if relations:
+        wanted = set(relations)
+        known = sorted({f.get("relation", "") for f in facts} - {""})
+        facts = [f for f in facts if f.get("relation") in wanted]
+        if not facts:
+            raise EmptyInput(f"no facts of relation(s) {', '.join(sorted(wanted))}; the facts "
+                             f"have: {', '.join(known) or 'no relation field'}")
+    if n is not None and len(facts) > n:
+        step = len(facts) / n
+        facts = [facts[int(i * step)] for i in range(n)]
     return facts
 
 
