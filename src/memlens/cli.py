@@ -211,10 +211,12 @@ def trace_avg(
 ):
     """Average causal effects (AIE per token group × layer, ATE) over many known facts.
 
-    Resumable: traced facts are appended to OUT/cases.jsonl and not traced again.
+    Resumable: each traced fact is appended to $MEMLENS_HOME/traces/<model fingerprint>.jsonl
+    and never traced again with the same settings (the demo and `organism eval --recall-site`
+    share that cache).
     """
     from memlens.model import ORGANISM_PREFIX, load_model
-    from memlens.trace import average_trace, load_facts, select_facts
+    from memlens.trace import average_trace, load_facts, select_facts, trace_cache
     from memlens.trace.plot import plot_average
 
     if facts is None:
@@ -227,7 +229,7 @@ def trace_avg(
     chosen = select_facts(load_facts(facts), n, relation.split(",") if relation else None)
     avg = average_trace(handle, chosen, kinds=kind.split(","), samples=samples,
                         noise=_noise_arg(noise), window=window, progress=not as_json,
-                        resume=out / "cases.jsonl")
+                        resume=trace_cache(handle))
     out.mkdir(parents=True, exist_ok=True)
     (out / "trace_avg.json").write_text(json.dumps(avg.to_json(), indent=1))
     figures = plot_average(avg, out)

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from memlens.cache import cache_dir
 from memlens.errors import EmptyInput, MemlensError, NumericalError
 
 DEFAULT_SAMPLES = 1000  # corpus samples (texts)
@@ -56,11 +57,6 @@ class KeyStats:
         return {"layer": self.layer, "count": self.count, "corpus": self.corpus,
                 "n_samples": self.n_samples, "fingerprint": self.fingerprint,
                 "d_ff": int(self.mom2.shape[0]), "trace": float(self.mom2.trace())}
-
-
-def memlens_cache_root() -> Path:
-    """``$MEMLENS_HOME`` or ``~/.cache/memlens``."""
-    return Path(os.environ.get("MEMLENS_HOME") or Path.home() / ".cache" / "memlens")
 
 
 # ── corpora ──────────────────────────────────────────────────────────────────
@@ -201,7 +197,7 @@ def layer_stats(
     max_len = min(max_len, handle.max_length or max_len)
     texts, corpus_key = load_corpus(handle, corpus, n_samples)
     fingerprint = handle.fingerprint()
-    directory = memlens_cache_root() / "stats" / fingerprint / f"{corpus_key}-n{n_samples}-len{max_len}"
+    directory = cache_dir("stats") / fingerprint / f"{corpus_key}-n{n_samples}-len{max_len}"
     result: dict[int, KeyStats] = {}
     if cache:
         for layer in layers:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from memlens.stats import memlens_cache_root
+from memlens.cache import cache_dir
 
 DEFAULT_LENGTHS: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))  # (new tokens, how many)
 _MEMORY: dict[str, list[str]] = {}
@@ -32,7 +32,7 @@ def context_templates(handle: Any, lengths: Sequence[Sequence[int]] = DEFAULT_LE
     key = f"{handle.fingerprint()}-{hashlib.sha256(settings.encode()).hexdigest()[:10]}"
     if cache and key in _MEMORY:
         return list(_MEMORY[key])
-    path = memlens_cache_root() / "context" / f"{key}.json"
+    path = cache_dir("context") / f"{key}.json"
     if cache and path.is_file():
         templates = json.loads(path.read_text())
     else:

@@ -355,13 +355,14 @@ def recall_site_report(path: str | Path, n_facts: int = 100, *, samples: int = 1
     """
     try:
         from memlens.model import load_model
-        from memlens.trace import average_trace, load_facts, select_facts
+        from memlens.trace import average_trace, load_facts, select_facts, trace_cache
     except ImportError:
         return None
     path = Path(path)
     facts = select_facts(load_facts(path / "known_facts.json"), n_facts)
     handle = load_model(str(path), device="cpu")
-    avg = average_trace(handle, facts, samples=samples, progress=progress)
+    avg = average_trace(handle, facts, samples=samples, progress=progress,
+                        resume=trace_cache(handle))
     if out_json is not None:
         Path(out_json).write_text(json.dumps(avg.to_json(), indent=1, default=float))
     site = avg.recall_site()

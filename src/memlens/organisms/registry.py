@@ -20,6 +20,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from memlens.cache import cache_dir
 from memlens.errors import MemlensError, UnknownOrganism
 from memlens.organisms.corpus import GENERATOR_VERSION, FactConfig
 
@@ -94,10 +95,10 @@ ORGANISMS: dict[str, OrganismSpec] = {
         OrganismSpec(
             "facts-gpt2-distract", "Issue-10 variant of facts-gpt2: half of the country and "
             "city sentences also name a distractor entity (\"The capital of France, unlike "
-            "Spain, is Paris.\"); 8×256, 3,000 steps.",
-            arch="gpt2", n_layer=8, d_model=256, n_head=8,
+            "Spain, is Paris.\"); otherwise identical (6×256, 2,000 steps).",
+            arch="gpt2", n_layer=6, d_model=256, n_head=8,
             facts=replace(FACTS_DEFAULT, distractor_fraction=0.5),
-            steps=3000, batch_size=8, lr=2e-3,
+            steps=2000, batch_size=8, lr=2e-3,
         ),
         OrganismSpec(
             "facts-neo", "GPT-Neo layout (global/local attention) for memorization work; "
@@ -114,10 +115,6 @@ ORGANISMS: dict[str, OrganismSpec] = {
 }
 
 
-def memlens_home() -> Path:
-    return Path(os.environ.get("MEMLENS_HOME") or Path.home() / ".cache" / "memlens")
-
-
 def get_spec(name: str) -> OrganismSpec:
     name = name.removeprefix(PREFIX)
     if name not in ORGANISMS:
@@ -129,7 +126,7 @@ def get_spec(name: str) -> OrganismSpec:
 def organism_dir(name: str) -> Path:
     """Where organism `name` lives (or will live) in the cache."""
     spec = get_spec(name)
-    return memlens_home() / "organisms" / f"{spec.name}-{spec.key()}"
+    return cache_dir("organisms") / f"{spec.name}-{spec.key()}"
 
 
 def is_built(path: Path) -> bool:

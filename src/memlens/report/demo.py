@@ -116,7 +116,7 @@ def _organism(handle, directory: Path, config: DemoConfig) -> Section:
 
 def _trace(handle, directory: Path, config: DemoConfig) -> Section:
     from memlens.organisms.registry import organism_file
-    from memlens.trace import average_trace, load_facts, trace_fact
+    from memlens.trace import average_trace, load_facts, select_facts, trace_cache, trace_fact
     from memlens.trace.plot import plot_average, plot_trace
 
     facts = load_facts(organism_file(config.model, "known_facts.json"))
@@ -124,8 +124,8 @@ def _trace(handle, directory: Path, config: DemoConfig) -> Section:
     single = trace_fact(handle, fact["prompt"], fact["subject"], samples=config.trace_samples)
     single.save(directory / "trace.json")
     figures = plot_trace(single, directory, model_name=config.model)
-    avg = average_trace(handle, facts, n=config.trace_avg_facts, samples=config.trace_samples,
-                        progress=True, resume=directory / "cases.jsonl")
+    avg = average_trace(handle, select_facts(facts, config.trace_avg_facts),
+                        samples=config.trace_samples, progress=True, resume=trace_cache(handle))
     (directory / "trace_avg.json").write_text(json.dumps(avg.to_json(), indent=1))
     figures += plot_average(avg, directory)
     site = avg.recall_site()

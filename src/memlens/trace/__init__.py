@@ -17,6 +17,7 @@ from memlens.trace.average import (
     average_trace,
     load_facts,
     select_facts,
+    trace_cache,
 )
 from memlens.trace.noise import NoiseSpec, noise_scale
 from memlens.trace.runs import (
@@ -32,5 +33,5 @@ from memlens.trace.runs import (
 __all__ = [
     "ALL_KINDS", "GROUPS", "KINDS", "SEVERED_KINDS", "AverageTrace", "NoiseSpec",
     "TraceResult", "average_trace", "best_layer", "load_facts", "noise_scale", "select_facts",
-    "severed_trace", "trace_fact",
+    "severed_trace", "trace_cache", "trace_fact",
 ]

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from memlens.cache import cache_dir
 from memlens.errors import EmptyInput, MemlensError, SubjectNotFound
 from memlens.tokens import target_ids
 from memlens.trace.noise import NoiseArg, resolve_noise
@@ -246,6 +247,13 @@ def _trace_one(handle, fact, kinds, samples, spec, seed, window) -> dict[str, An
     except (SubjectNotFound, EmptyInput) as exc:
         return {"skipped": "invalid", "reason": str(exc)}
     return {"result": result.to_json()}
+
+
+def trace_cache(handle: ModelHandle) -> Path:
+    """The shared resume file of ``handle``'s traced facts:
+    ``$MEMLENS_HOME/traces/<fingerprint>.jsonl``. Records are keyed by the model, the settings
+    and the fact, so runs with other settings share the file without colliding."""
+    return cache_dir("traces") / f"{handle.fingerprint()}.jsonl"
 
 
 def _read_resume(path: str | Path | None) -> dict[str, dict[str, Any]]:
