@@ -63,3 +63,17 @@ def test_cli_report_rebuilds(report_dir):
     result = CliRunner().invoke(app, ["report", str(report_dir)])
     assert result.exit_code == 0, result.output
     assert (report_dir / "index.html").exists()
+
+
+def test_cli_report_screenshot_is_a_png_of_the_page(report_dir, chromium):
+    from typer.testing import CliRunner
+
+    from memlens.cli import app
+
+    png = report_dir / "shot.png"
+    result = CliRunner().invoke(app, ["report", str(report_dir), "--screenshot", str(png),
+                                      "--width", "800", "--height", "600"])
+    assert result.exit_code == 0, result.output
+    header = png.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n"
+    assert int.from_bytes(header[16:20], "big") == 800  # IHDR width

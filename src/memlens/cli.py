@@ -1108,7 +1108,14 @@ def demo(
 
 
 @app.command()
-def report(directory: Annotated[Path, typer.Argument(help="A directory written by memlens demo.")]):
+def report(
+    directory: Annotated[Path, typer.Argument(help="A directory written by memlens demo.")],
+    screenshot: Annotated[Path | None, typer.Option(
+        "--screenshot", help="Also save a PNG of the report as headless Chromium renders it.")]
+    = None,
+    width: Annotated[int, typer.Option("--width", help="Screenshot width in pixels.")] = 1200,
+    height: Annotated[int, typer.Option("--height", help="Screenshot height in pixels.")] = 1600,
+):
     """Rebuild the HTML report and summary.json from saved results, without recomputing."""
     from memlens.report.html import build_report
 
@@ -1116,6 +1123,11 @@ def report(directory: Annotated[Path, typer.Argument(help="A directory written b
         raise MemlensError(f"{directory} is not a directory of saved results")
     index = build_report(directory)
     console.print(f"[bold green]report:[/] {index}")
+    if screenshot is not None:
+        from memlens.report.browser import screenshot as take_screenshot
+
+        take_screenshot(index, screenshot, width=width, height=height)
+        console.print(f"[bold green]screenshot:[/] {screenshot}")
 
 
 def main() -> None:
