@@ -7,7 +7,9 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import os
 import socket
 from dataclasses import dataclass, field
@@ -122,6 +124,25 @@ def weights_fingerprint(model: nn.Module) -> str:
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def kv_cache_of(output: Any) -> Any:
+    """The KV cache an HF forward returned: ``output.cache`` (transformers ≥ 5.2x), else
+    ``output.past_key_values`` (earlier 5.x)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
+@functools.cache
+def _cache_argument(model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters \
+        else "past_key_values"
+
+
+def kv_cache_kwargs(model: nn.Module, cache: Any) -> dict[str, Any]:
+    """``{"cache": cache}`` or ``{"past_key_values": cache}``, whichever ``model.forward`` takes,
+    so that KV-cached forwards work on every transformers 5.x without deprecation warnings."""
+    return {_cache_argument(type(model)): cache}
 
 
 def load_model(

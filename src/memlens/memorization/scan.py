@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memlens.memorization.data import PREFIX_LEN, Paragraph, paragraph_tensor
+from memlens.model import kv_cache_kwargs, kv_cache_of
 
 NMP_MAX_EM = 10  # paper: non-memorized paragraphs reproduce at most 10 tokens
 
@@ -42,11 +43,12 @@ def greedy_continuation(
     ids = prefix_ids.to(device)
     out = model(input_ids=ids, use_cache=use_cache)
     tokens = [out.logits[:, -1].argmax(-1)]
-    past = out.past_key_values if use_cache else None
+    past = kv_cache_of(out) if use_cache else None
     for _ in range(n_new - 1):
         if use_cache:
-            out = model(input_ids=tokens[-1][:, None], past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = model(input_ids=tokens[-1][:, None], use_cache=True,
+                        **kv_cache_kwargs(model, past))
+            past = kv_cache_of(out)
         else:
             ids = torch.cat([ids, tokens[-1][:, None]], dim=1)
             out = model(input_ids=ids, use_cache=False)

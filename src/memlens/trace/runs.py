@@ -48,6 +48,7 @@ import torch
 
 from memlens import hooks
 from memlens.errors import MemlensError
+from memlens.model import kv_cache_kwargs, kv_cache_of
 from memlens.tokens import Span, subject_span, target_ids
 from memlens.trace.noise import NoiseArg, NoiseSpec, draw_noise, resolve_noise
 
@@ -381,8 +382,8 @@ def _restored_scores(handle: ModelHandle, inp: TraceInputs, runs: _Runs, token: 
         fns[site_hook(site)] = _write_rows(restore_rows, clean, freeze_rows, frozen)
     with torch.no_grad(), hooks.hooked(model, fns), \
             _skip_unchanged_blocks(handle, runs, token, sample_of_row, computed, past):
-        logits = model(input_ids=suffix, past_key_values=past, use_cache=past is not None,
-                       logits_to_keep=1).logits[:, -1]
+        logits = model(input_ids=suffix, use_cache=past is not None, logits_to_keep=1,
+                       **kv_cache_kwargs(model, past)).logits[:, -1]
     probs = torch.softmax(logits, dim=-1)[:, inp.answer_id].reshape(R, S).mean(dim=1)
     return probs.tolist()
 
@@ -417,7 +418,7 @@ def _corrupted_prefix_cache(handle: ModelHandle, inp: TraceInputs, token: int,
     prefix = inp.input_ids[:, :token].expand(inp.samples, -1)
     corrupt = add_noise_hook(inp.noise, inp.span, 0, token)
     with torch.no_grad(), hooks.hooked(handle.model, {"hook_embed": corrupt} if corrupt else {}):
-        past = handle.model(input_ids=prefix, use_cache=True, logits_to_keep=1).past_key_values
+        past = kv_cache_of(handle.model(input_ids=prefix, use_cache=True, logits_to_keep=1))
     if past is None or not hasattr(past, "reorder_cache"):
         raise MemlensError(f"{handle.arch.model_type} returned no reorderable KV cache; "
                            "causal tracing needs one (use_cache=True)")
