@@ -243,3 +243,16 @@ def test_named_editors_take_the_layer_and_restore_weights(gpt2, data_dir, name):
     assert result.summary["n"] == {"pre": 1.0, "post": 1.0}
     edited = result.cases[0]["edit"]
     assert list(edited["delta_norms"]) == ["1"] and edited["delta_norms"]["1"] > 0, edited
+
+
+def test_cases_are_read_one_relation_at_a_time(tmp_path):
+    records = []
+    for i, relation in enumerate(["P1", "P1", "P1", "P2", "P3", "P3"]):
+        record = json.loads(json.dumps(RECORD))
+        record["case_id"] = 10 + i
+        record["requested_rewrite"]["relation_id"] = relation
+        records.append(record)
+    (tmp_path / "cf.json").write_text(json.dumps(records))
+    cases = load_counterfact(tmp_path / "cf.json")
+    assert [c.case_id for c in cases] == [10, 13, 14, 11, 15, 12]
+    assert [c.relation_id for c in load_counterfact(tmp_path / "cf.json", n=3)] == ["P1", "P2", "P3"]

@@ -91,7 +91,13 @@ def resolve_data(data: str | Path | None, handle: Any = None) -> Path:
 
 
 def load_counterfact(data: str | Path, n: int | None = None) -> list[CounterFactCase]:
-    """Cases from a CounterFact JSON file (a list of records, public or organism schema)."""
+    """The first ``n`` (all if None) cases of a CounterFact JSON file (a list of records,
+    public or organism schema), with relations taken in turn.
+
+    Cases are read in round-robin order over their ``relation_id`` (order kept within a
+    relation): organism files are grouped by relation, so "the first 100 cases" would otherwise
+    all be ``city_country``. ``case_id`` is kept, so results still name the file's cases.
+    """
     path = resolve_data(data)
     try:
         records = json.loads(path.read_text())
@@ -99,8 +105,18 @@ def load_counterfact(data: str | Path, n: int | None = None) -> list[CounterFact
         raise MemlensError(f"{path}: invalid JSON ({exc})") from None
     if not isinstance(records, list):
         raise MemlensError(f"{path}: expected a JSON list of CounterFact records")
-    records = records[:n] if n is not None else records
-    return [CounterFactCase.from_record(r, i) for i, r in enumerate(records)]
+    cases = _relations_in_turn([CounterFactCase.from_record(r, i) for i, r in enumerate(records)])
+    return cases[:n] if n is not None else cases
+
+
+def _relations_in_turn(cases: list[CounterFactCase]) -> list[CounterFactCase]:
+    """One case of each relation in turn (relations in order of first appearance)."""
+    groups: dict[str | None, list[CounterFactCase]] = {}
+    for case in cases:
+        groups.setdefault(case.relation_id, []).append(case)
+    columns = list(groups.values())
+    return [column[i] for i in range(max(map(len, columns), default=0)) for column in columns
+            if i < len(column)]
 
 
 # ── one case ────────────────────────────────────────────────────────────────
