@@ -321,6 +321,16 @@ def test_run_all_writes_summary_and_figure(tmp_path):
     assert set(summary["checks"]) == {"ppl_within_15pct", "topk_entropy_lower",
                                       "steering_several_fold"}
     assert summary["sparsity_topk"][0]["nonzero_max"] == K
+    # a second run with the models kept elsewhere trains there once, then only reuses them
+    shared = tmp_path / "shared"
+    first = run_all(str(organism), tmp_path / "run2", cfg, n_auto=1, n_neuron_blocks=16,
+                    max_new_tokens=3, models=shared)
+    assert (shared / "topk" / "config.json").is_file() and not (tmp_path / "run2" / "topk").exists()
+    stamp = (shared / "topk" / "model.safetensors").stat().st_mtime_ns
+    again = run_all(str(organism), tmp_path / "run3", cfg, n_auto=1, n_neuron_blocks=16,
+                    max_new_tokens=3, models=shared)
+    assert (shared / "topk" / "model.safetensors").stat().st_mtime_ns == stamp
+    assert again["heldout_ppl"] == first["heldout_ppl"]
 
 
 def test_cli_steer_and_neurons(tmp_path, trained_pair):

@@ -257,11 +257,13 @@ def _fmt(values: Any) -> str:
 
 def _topk(handle, directory: Path, config: DemoConfig) -> Section:
     from memlens.topk import TopKTrainConfig, run_all
+    from memlens.topk.experiment import shared_models_dir
 
     cfg = TopKTrainConfig(steps=config.topk_steps)
     summary = run_all(config.model, directory, cfg, n_auto=config.topk_auto,
                       n_neuron_blocks=config.topk_neuron_blocks,
-                      max_new_tokens=config.generation_tokens)
+                      max_new_tokens=config.generation_tokens,
+                      models=shared_models_dir(config.model, cfg))
     markdown = (directory / "summary.md").read_text() if (directory / "summary.md").exists() \
         else ""
     return Section(

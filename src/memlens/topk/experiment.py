@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from memlens.cache import cache_dir
 from memlens.topk.data import organism_corpus, text_blocks
 from memlens.topk.neurons import NeuronReport, neuron_report, plot_entropy_by_layer
 from memlens.topk.steer import Neuron, SteerReport, auto_neurons, steer_report
@@ -46,11 +47,14 @@ def run_all(
     multiples: Sequence[float] = (0.5, 1.0, 2.0, 4.0),
     n_neuron_blocks: int = 512,
     max_new_tokens: int = 20,
+    models: str | Path | None = None,
 ) -> dict:
     """Train a TopK model and its dense twin on ``organism``'s corpus, measure neuron entropies
     of both, steer the ``n_auto`` neurons :func:`~memlens.topk.steer.auto_neurons` picks (δ =
     multiples × the neuron's ``delta_scale``: a vector as long as the residual stream at 1×)
-    and write results and figures into ``out``. Returns the summary.
+    and write results and figures into ``out``. Returns the summary. The two models are
+    trained into ``models/dense`` and ``models/topk`` (default ``models = out``); pass
+    :func:`shared_models_dir` to reuse them across runs with the same organism and settings.
 
         run_all("organism:facts-llama", "runs/topk-llama", TopKTrainConfig(steps=200))
     """
@@ -62,9 +66,10 @@ def run_all(
     corpus = organism_corpus(organism)
     block_size = min(128, _context(corpus.config))
     train, heldout = text_blocks(corpus.tokenizer, corpus.text, block_size)
-    pair = train_pair(corpus.config, corpus.tokenizer, train, heldout, cfg, out)
+    models = Path(models) if models is not None else out
+    pair = train_pair(corpus.config, corpus.tokenizer, train, heldout, cfg, models)
 
-    handles = {name: load_model(str(out / name), device="cpu") for name in ("dense", "topk")}
+    handles = {name: load_model(str(models / name), device="cpu") for name in ("dense", "topk")}
     neuron_blocks = torch.cat([heldout, train[: max(0, n_neuron_blocks - len(heldout))]])
     reports: dict[str, NeuronReport] = {}
     for name, handle in handles.items():
@@ -87,6 +92,19 @@ def run_all(
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "summary.md").write_text(_markdown(summary))
     return summary
+
+
+def shared_models_dir(organism: str, cfg: TopKTrainConfig) -> Path:
+    """``$MEMLENS_HOME/topk/<organism>-<hash>``: where a TopK/dense pair trained on
+    ``organism`` with ``cfg`` is kept for reuse (the hash covers the organism's cache key and
+    every training setting)."""
+    import hashlib
+
+    from memlens.organisms.registry import resolve
+
+    directory = resolve(organism)
+    blob = json.dumps({"organism": directory.name, "config": asdict(cfg)}, sort_keys=True)
+    return cache_dir("topk") / f"{directory.name}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
 
 def _context(config) -> int:
