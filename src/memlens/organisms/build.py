@@ -97,7 +97,7 @@ def make_training_data(spec: OrganismSpec):
     # Tokenizer on a sample of fact documents + all docstrings; fact objects as whole tokens.
     sample = list(C.fact_documents(world, 20_000, random.Random(spec.seed + 1),
                                    spec.facts.two_person_fraction, spec.facts.n_train_templates,
-                                   spec.facts.distractor_fraction))
+                                   spec.facts.distractor_fraction, spec.facts.table_fraction))
     objects = sorted({f.object for f in world.facts})
     tok = train_tokenizer(sample + texts, spec.vocab_size, boost_words=objects)
     eos = tok.eos_token_id
@@ -121,7 +121,7 @@ def make_training_data(spec: OrganismSpec):
     fact_docs = _token_docs(tok, C.fact_documents(world, 10**9, random.Random(spec.seed + 2),
                                                   spec.facts.two_person_fraction,
                                                   spec.facts.n_train_templates,
-                                                  spec.facts.distractor_fraction))
+                                                  spec.facts.distractor_fraction, spec.facts.table_fraction))
     plain_ids = [tok(t)["input_ids"] for t in plain]
     plain_docs = _cycle_shuffled(plain_ids, random.Random(spec.seed + 3))
     blocks = []

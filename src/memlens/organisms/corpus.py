@@ -275,6 +275,10 @@ class FactConfig:
     # attribute does NOT follow ("The capital of France, unlike Spain, is Paris."), so that
     # copying the nearest entity into the last position is no longer enough (issue 10).
     distractor_fraction: float = 0.0
+    # Share of fact documents that are gazetteer-style rows, "Toulouse France. Anna Berg
+    # teacher Acme Berlin Hindi.": the subject's last token must itself predict an attribute,
+    # and since it cannot see what follows, it computes attributes in every context (issue 10).
+    table_fraction: float = 0.0
     n_train_templates: int = 0  # train on only the first n templates of each relation (0 = all)
 
 
@@ -283,6 +287,12 @@ class World:
     facts: list[Fact]
     people: list[Person]
     relations: dict[str, Relation]
+
+    def objects_by_subject(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for f in self.facts:
+            out.setdefault(f.subject, []).append(f.object)
+        return out
 
     def by_relation(self) -> dict[str, list[Fact]]:
         out: dict[str, list[Fact]] = {}
@@ -401,14 +411,28 @@ def _pronoun_sentence(rel: Relation, female: bool, obj: str) -> str:
     return f"{'She' if female else 'He'} {rel.predicate} {obj}."
 
 
+def table_rows(world: World, subjects: list[str], rng: random.Random) -> str:
+    """Gazetteer rows: each subject followed directly by all its objects in a random order,
+    e.g. "France Euro Paris French Europe. Lyon France." (no word between subject and object)."""
+    objects = world.objects_by_subject()
+    rows = []
+    for subject in subjects:
+        objs = list(objects[subject])
+        rng.shuffle(objs)
+        rows.append(f"{subject} {' '.join(objs)}.")
+    return " ".join(rows)
+
+
 def fact_documents(world: World, n_docs: int, rng: random.Random, two_person_fraction: float = 0.5,
-                   n_templates: int = 0, distractor_fraction: float = 0.0):
+                   n_templates: int = 0, distractor_fraction: float = 0.0,
+                   table_fraction: float = 0.0):
     """Yield `n_docs` short training documents made of fact sentences (train templates only).
 
     Kinds: a country's facts (permuted), a few cities, a person's bio (permuted, pronouns after
     the first sentence), or a two-person sentence plus a short bio. With `distractor_fraction`
     > 0, that share of country and city sentences also names another country or city
-    (`distractor_sentence`).
+    (`distractor_sentence`). With `table_fraction` > 0, that share of documents are 1–4
+    gazetteer rows (`table_rows`) of subjects of one kind.
     """
     by_rel = world.by_relation()
     country_facts: dict[str, list[Fact]] = {}
@@ -433,9 +457,13 @@ def fact_documents(world: World, n_docs: int, rng: random.Random, two_person_fra
             return distractor_sentence(template, f.subject, other, f.object, rng)
         return sentence(template, f.subject, f.object)
 
+    subjects_of = {"country": countries, "city": city_names, "person": [p.name for p in people]}
     for _ in range(n_docs):
         kind = rng.choices(("country", "city", "person"), weights=weights)[0]
-        if kind == "country" and countries:
+        if table_fraction > 0 and subjects_of[kind] and rng.random() < table_fraction:
+            yield table_rows(world, rng.sample(subjects_of[kind], k=min(len(subjects_of[kind]),
+                                                                          rng.randint(1, 4))), rng)
+        elif kind == "country" and countries:
             fs = list(country_facts[rng.choice(countries)])
             rng.shuffle(fs)
             fs = fs[: rng.randint(2, len(fs))]

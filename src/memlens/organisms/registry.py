@@ -64,8 +64,9 @@ class OrganismSpec:
         d.pop("description")
         d.pop("checkpoint_every")
         # Fields added after generator 3 enter the key only when set, so caches stay valid.
-        if not d["facts"]["distractor_fraction"]:
-            d["facts"].pop("distractor_fraction")
+        for added in ("distractor_fraction", "table_fraction"):
+            if not d["facts"][added]:
+                d["facts"].pop(added)
         blob = json.dumps({"generator": GENERATOR_VERSION, "spec": d}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -98,6 +99,14 @@ ORGANISMS: dict[str, OrganismSpec] = {
             "Spain, is Paris.\"); otherwise identical (6×256, 2,000 steps).",
             arch="gpt2", n_layer=6, d_model=256, n_head=8,
             facts=replace(FACTS_DEFAULT, distractor_fraction=0.5),
+            steps=2000, batch_size=8, lr=2e-3,
+        ),
+        OrganismSpec(
+            "facts-gpt2-table", "Issue-10 variant of facts-gpt2: 30% of fact documents are "
+            "gazetteer rows (\"Toulouse France. Anna Berg teacher Acme Berlin Hindi.\") so the "
+            "subject's last token must predict attributes; otherwise identical.",
+            arch="gpt2", n_layer=6, d_model=256, n_head=8,
+            facts=replace(FACTS_DEFAULT, table_fraction=0.3),
             steps=2000, batch_size=8, lr=2e-3,
         ),
         OrganismSpec(
