@@ -247,6 +247,20 @@ def test_hparams_defaults_file_overrides_and_errors(tmp_path, random_handle):
         ROMEHyperParams(fact_token="middle").check()
 
 
+def test_organisms_get_their_own_defaults_below_files_and_keywords(tmp_path, random_handle):
+    from dataclasses import replace as dc_replace
+
+    from memlens.edit.memit import MEMITHyperParams
+
+    (tmp_path / "organism.json").write_text("{}")
+    organism = dc_replace(random_handle, source_dir=tmp_path)
+    hp = ROMEHyperParams.for_model(organism)
+    assert (hp.clamp_norm_factor, hp.v_weight_decay) == (20.0, 0.05)
+    assert ROMEHyperParams.for_model(organism, clamp_norm_factor=4.0).clamp_norm_factor == 4.0
+    assert MEMITHyperParams.for_model(organism).mom2_update_weight == 300.0
+    assert MEMITHyperParams.for_model(random_handle).mom2_update_weight >= 15000.0
+
+
 def test_context_templates_are_generated_once_and_cached(random_model_dirs, tmp_path):
     from memlens.edit import context as context_module
     from memlens.model import load_model

@@ -32,14 +32,20 @@ class HyperParams:
 
     #: model_type → field overrides on top of the dataclass defaults.
     FAMILY_DEFAULTS: ClassVar[dict[str, dict[str, Any]]] = {}
+    #: overrides for memlens' model organisms (a directory with organism.json), after the family's
+    ORGANISM_DEFAULTS: ClassVar[dict[str, Any]] = {}
 
     @classmethod
     def for_model(cls: type[H], handle_or_type: Any = None, *, path: str | Path | None = None,
                   **overrides: Any) -> H:
-        """Defaults for the model's family, then ``path`` (JSON/YAML), then ``overrides``."""
-        model_type = (handle_or_type if isinstance(handle_or_type, str) or handle_or_type is None
-                      else handle_or_type.arch.model_type)
+        """Defaults for the model's family (and for organisms, ``ORGANISM_DEFAULTS``), then
+        ``path`` (JSON/YAML), then ``overrides``."""
+        is_handle = not (isinstance(handle_or_type, str) or handle_or_type is None)
+        model_type = handle_or_type.arch.model_type if is_handle else handle_or_type
         values: dict[str, Any] = dict(cls.FAMILY_DEFAULTS.get(model_type or "", {}))
+        source = getattr(handle_or_type, "source_dir", None) if is_handle else None
+        if source is not None and (Path(source) / "organism.json").is_file():
+            values.update(cls.ORGANISM_DEFAULTS)
         if path is not None:
             values.update(read_config_file(path))
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -117,6 +123,11 @@ class ROMEHyperParams(HyperParams):
         # Llama-family MLPs are gated (SwiGLU); the reference values carry over.
         "llama": {}, "mistral": {}, "qwen2": {},
     }
+    #: Organisms' MLP outputs at the subject are small (‖v₀‖ ≈ 3–4) next to the change a new
+    #: fact needs: with the gpt2-xl clamp of 4·‖v₀‖, facts-gpt2 at layer 1 reached ES 0 on 100
+    #: cases, with 20·‖v₀‖ and a lighter decay ES 0.39 (docs/editing.md).
+    ORGANISM_DEFAULTS: ClassVar[dict[str, Any]] = {"clamp_norm_factor": 20.0,
+                                                   "v_weight_decay": 0.05}
 
     def check(self) -> None:
         if self.fact_token not in FACT_TOKENS:
