@@ -268,3 +268,15 @@ def test_new_fact_fields_leave_existing_cache_keys_unchanged():
     spec = registry.ORGANISMS["facts-gpt2"]
     assert spec.key() == "5d92ae96297d"  # built before distractor_fraction existed
     assert registry.ORGANISMS["facts-gpt2-distract"].key() != spec.key()
+
+
+def test_table_rows_put_every_object_right_after_its_subject():
+    world = C.make_world(C.FactConfig(n_countries=10, n_cities=10, n_people=4), seed=0)
+    person = world.people[0]
+    row = C.table_rows(world, [person.name], random.Random(0))
+    assert row.startswith(person.name + " ") and row.endswith(".")
+    assert sorted(row[len(person.name) + 1:-1].split(" ")) == sorted(person.attrs.values())
+    docs = list(C.fact_documents(world, 200, random.Random(1), table_fraction=1.0))
+    subjects = set(world.objects_by_subject())
+    assert all(any(d.startswith(s + " ") for s in subjects) for d in docs)
+    assert not any(" is " in d or " was " in d for d in docs)  # no template words in rows
