@@ -242,6 +242,16 @@ def test_middle_band():
     assert middle_band(48) == list(range(12, 18))
     assert middle_band(4) == [1, 2]
     assert middle_band(1) == [0]
+    assert all(max(middle_band(n)) <= n - 2 for n in range(2, 60))  # z needs a later layer
+
+
+def test_choose_layers_ends_before_the_last_layer(random_handle):
+    from memlens.edit.memit import choose_layers
+    from memlens.edit.requests import EditRequest
+
+    layers, how = choose_layers(random_handle, [EditRequest("{} is a city in", "Toulouse",
+                                                            "Japan")])
+    assert layers and max(layers) <= random_handle.n_layers - 2, (layers, how)
 
 
 # ── FT / FT-L ────────────────────────────────────────────────────────────────

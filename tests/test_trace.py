@@ -245,3 +245,9 @@ def test_select_facts_filters_relations_and_spreads_evenly():
     assert len(select_facts(facts, 100)) == 12
     with pytest.raises(MemlensError, match="the facts have: a, b"):
         select_facts(facts, None, ["c"])
+
+
+def test_depth_scaled_window():
+    from memlens.trace.runs import depth_scaled_window
+
+    assert [depth_scaled_window(n) for n in (48, 28, 12, 6, 1)] == [10, 6, 2, 1, 1]

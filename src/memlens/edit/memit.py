@@ -88,9 +88,9 @@ class MEMITHyperParams(HyperParams):
 
 def middle_band(n_layers: int) -> list[int]:
     """A band of early-middle layers: |R| = max(2, L/8) layers from L/4 (gpt2-xl: 12–17,
-    the reference uses 13–17), capped by the model's depth."""
-    size = min(n_layers, max(2, n_layers // 8))
-    start = min(max(0, n_layers // 4), n_layers - size)
+    the reference uses 13–17), ending before the last layer (see :func:`choose_layers`)."""
+    size = max(1, min(n_layers - 1, max(2, n_layers // 8)))
+    start = max(0, min(n_layers // 4, n_layers - 1 - size))
     return list(range(start, start + size))
 
 
@@ -98,22 +98,26 @@ def choose_layers(handle: Any, requests: Sequence[EditRequest], *, n_facts: int 
                   threshold: float = 0.5) -> tuple[list[int], str]:
     """R and how it was chosen: the contiguous layers around the peak of the averaged MLP
     indirect effect at the last subject token whose effect is ≥ ``threshold`` × the peak
-    (a causal trace of up to ``n_facts`` requests), else :func:`middle_band`."""
+    (a causal trace of up to ``n_facts`` requests, window scaled to depth), else
+    :func:`middle_band`. The top layer of R is at most L − 2: z is written at the subject and
+    only later layers can carry it to the prediction."""
     band = middle_band(handle.n_layers)
     try:
         from memlens.trace import average_trace
+        from memlens.trace.runs import depth_scaled_window
     except ImportError:
         return band, "middle band (memlens.trace not available)"
     facts = [{"prompt": r.text, "subject": r.subject,
               **({"attribute": r.target_true} if r.target_true else {})}
              for r in requests[:n_facts]]
     try:
-        avg = average_trace(handle, facts, kinds=("mlp",), samples=3, progress=False)
+        avg = average_trace(handle, facts, kinds=("mlp",), samples=3, progress=False,
+                            window=depth_scaled_window(handle.n_layers))
     except MemlensError as exc:
         return band, f"middle band (trace failed: {exc})"
     if avg.n_facts == 0:
         return band, "middle band (no traced fact was known to the model)"
-    curve = avg.effect("mlp", "last_subject")
+    curve = avg.effect("mlp", "last_subject")[: max(1, handle.n_layers - 1)]
     peak = int(curve.argmax())
     if not curve[peak] > 0:
         return band, "middle band (no positive MLP effect at the last subject token)"

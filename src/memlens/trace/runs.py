@@ -79,6 +79,13 @@ def window_layers(center: int, n_layers: int, window: int) -> range:
     return range(max(0, center - window // 2), min(n_layers, center - (-window // 2)))
 
 
+def depth_scaled_window(n_layers: int) -> int:
+    """The paper's window of 10 layers in 48 (GPT-2 XL), scaled to the model's depth (≥ 1):
+    10 for 48 layers, 6 for 28 (GPT-J), 2 for 12, 1 for 6. Used to CHOOSE edit layers, where a
+    window covering the whole model would make every layer's effect equal."""
+    return max(1, round(n_layers * 10 / 48))
+
+
 @dataclass(frozen=True)
 class Restoration:
     """One restored run at one token: sites written back to their clean values (``restore``)
@@ -499,10 +506,12 @@ def severed_trace(handle: ModelHandle, prompt: str, subject: str, **kwargs: Any)
 def best_layer(handle: ModelHandle, prompt: str, subject: str, kind: str = "mlp",
                **kwargs: Any) -> int:
     """The layer where restoring ``kind`` at the subject's LAST token has the largest
-    indirect effect — the layer ROME edits when none is given.
+    indirect effect — the layer ROME edits when none is given. The MLP/attention window is
+    :func:`depth_scaled_window` unless ``window`` is given.
 
         layer = best_layer(handle, "Toulouse is a city in", "Toulouse")
     """
     last = subject_span(handle.tokenizer, prompt, subject).last
+    kwargs.setdefault("window", depth_scaled_window(handle.n_layers))
     result = trace_fact(handle, prompt, subject, kinds=(kind,), positions=[last], **kwargs)
     return int(np.argmax(result.scores[kind][last]))
