@@ -38,7 +38,7 @@ class DemoConfig:
     trace_samples: int = 10
     trace_avg_facts: int = 100
     rome_cases: int = 10
-    memit_sizes: tuple[int, ...] = (1, 10, 25)
+    memit_sizes: tuple[int, ...] = (1, 5, 15)
     memit_ge_cases: int = 5  # cases whose generations give GE at each point
     memorization_paragraphs: int | None = None  # None: all of the organism's paragraphs
     memorization_max: int = 8  # MP and NMP paragraphs used by perturb / attribute / updates
