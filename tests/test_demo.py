@@ -25,7 +25,7 @@ def test_demo_runs_every_section(demo_report):
     assert not failed, failed
     for key, section in summary.items():
         assert section["command"].startswith("memlens"), key
-        assert section["seconds"] > 0, key
+        assert isinstance(section["seconds"], float) and section["seconds"] >= 0, key
 
 
 def test_demo_report_renders_in_browser(demo_report, chromium):

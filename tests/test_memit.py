@@ -302,7 +302,7 @@ def test_bench_edits_writes_json_plot_and_resumes(gpt2, corpus, tmp_path):
     result = bench_edits(gpt2, cases, [1, 3], **kwargs)
     assert [(p.method, p.n) for p in result.points] == [
         (m, n) for m in ("memit", "rome", "ft-l") for n in (1, 3)]
-    assert all(0 <= p.Score <= 1 and p.seconds > 0 for p in result.points)
+    assert all(0 <= p.Score <= 1 and p.seconds >= 0 for p in result.points)
     data = json.loads((tmp_path / "b" / "scaling.json").read_text())
     assert len(data["points"]) == 6 and (tmp_path / "b" / "scaling.png").stat().st_size > 0
     assert_same_state(gpt2, before)

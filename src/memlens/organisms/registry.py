@@ -75,6 +75,19 @@ class OrganismSpec:
 FACTS_DEFAULT = FactConfig(n_countries=100, n_cities=260, n_people=100, n_birthplaces=60,
                            n_train_templates=8)
 
+FACTS_GPT2 = OrganismSpec(
+    "facts-gpt2", "The default: 6×256 GPT-2, ~1,060 facts (9 relations), people in two-person "
+    "sentences and bios; paragraphs ×1/4/16/64.",
+    arch="gpt2", n_layer=6, d_model=256, n_head=8, facts=FACTS_DEFAULT,
+    steps=2000, batch_size=8, lr=2e-3,
+)
+
+
+def _variant(base: OrganismSpec, name: str, description: str, **changes) -> OrganismSpec:
+    """`base` with another name and description and the given fields changed."""
+    return replace(base, name=name, description=description, **changes)
+
+
 ORGANISMS: dict[str, OrganismSpec] = {
     s.name: s
     for s in [
@@ -87,39 +100,22 @@ ORGANISMS: dict[str, OrganismSpec] = {
             paragraph_repeats=(1, 4, 16, 64), paragraphs_per_repeat=2,
             steps=800, batch_size=8, lr=3e-3,
         ),
-        OrganismSpec(
-            "facts-gpt2", "The default: 6×256 GPT-2, ~1,060 facts (9 relations), people in "
-            "two-person sentences and bios; paragraphs ×1/4/16/64.",
-            arch="gpt2", n_layer=6, d_model=256, n_head=8, facts=FACTS_DEFAULT,
-            steps=2000, batch_size=8, lr=2e-3,
-        ),
-        OrganismSpec(
-            "facts-gpt2-distract", "Issue-10 variant of facts-gpt2: half of the country and "
-            "city sentences also name a distractor entity (\"The capital of France, unlike "
-            "Spain, is Paris.\"); otherwise identical (6×256, 2,000 steps).",
-            arch="gpt2", n_layer=6, d_model=256, n_head=8,
-            facts=replace(FACTS_DEFAULT, distractor_fraction=0.5),
-            steps=2000, batch_size=8, lr=2e-3,
-        ),
-        OrganismSpec(
-            "facts-gpt2-table", "Issue-10 variant of facts-gpt2: 30% of fact documents are "
-            "gazetteer rows (\"Toulouse France. Anna Berg teacher Acme Berlin Hindi.\") so the "
-            "subject's last token must predict attributes; otherwise identical.",
-            arch="gpt2", n_layer=6, d_model=256, n_head=8,
-            facts=replace(FACTS_DEFAULT, table_fraction=0.3),
-            steps=2000, batch_size=8, lr=2e-3,
-        ),
-        OrganismSpec(
-            "facts-neo", "GPT-Neo layout (global/local attention) for memorization work; "
-            "25 paragraphs per repeat level (1/4/16/64).",
-            arch="gpt_neo", n_layer=6, d_model=256, n_head=8, facts=FACTS_DEFAULT,
-            paragraphs_per_repeat=25, steps=2000, batch_size=8, lr=2e-3,
-        ),
-        OrganismSpec(
-            "facts-llama", "Llama layout (RMSNorm, RoPE, SwiGLU); same corpus as facts-gpt2.",
-            arch="llama", n_layer=6, d_model=256, n_head=8, facts=FACTS_DEFAULT,
-            steps=2000, batch_size=8, lr=2e-3,
-        ),
+        FACTS_GPT2,
+        _variant(FACTS_GPT2, "facts-gpt2-distract",
+                 "Issue-10 variant of facts-gpt2: half of the country and city sentences also "
+                 "name a distractor entity (\"The capital of France, unlike Spain, is "
+                 "Paris.\"); otherwise identical.",
+                 facts=replace(FACTS_DEFAULT, distractor_fraction=0.5)),
+        _variant(FACTS_GPT2, "facts-gpt2-table",
+                 "Issue-10 variant of facts-gpt2: 30% of fact documents are gazetteer rows "
+                 "(\"Toulouse France. Anna Berg teacher Acme Berlin Hindi.\") so the subject's "
+                 "last token must predict attributes; otherwise identical.",
+                 facts=replace(FACTS_DEFAULT, table_fraction=0.3)),
+        _variant(FACTS_GPT2, "facts-neo", "GPT-Neo layout (global/local attention) for "
+                 "memorization work; 25 paragraphs per repeat level (1/4/16/64).",
+                 arch="gpt_neo", paragraphs_per_repeat=25),
+        _variant(FACTS_GPT2, "facts-llama", "Llama layout (RMSNorm, RoPE, SwiGLU); same corpus "
+                 "as facts-gpt2.", arch="llama"),
     ]
 }
 
