@@ -104,6 +104,27 @@ def test_batched_z_equals_z_optimised_one_at_a_time(model, request):
     assert batched.summary()["loss_last"] <= batched.summary()["loss_first"]
 
 
+@pytest.mark.parametrize("point", ["blocks.1.hook_resid_post", "blocks.2.hook_mlp_out"])
+def test_suffix_only_passes_equal_whole_model_passes(random_handle, point):
+    """Skipping the blocks below the point and the positions before the fact token (cached)
+    changes nothing: same δ, same losses, same steps, on every architecture, with rows whose
+    fact tokens sit at different positions (0 included)."""
+    handle = random_handle
+    requests = REQUESTS + [EditRequest("{} is", "Japan", "Apple")]
+    h0 = fact_token_reads(handle, requests, ["{}"], "subject_last", {point: "bare"})[point]
+    objective = DeltaObjective(weight_decay=0.0, clamp_norm_factor=50.0, steps=4, lr=0.5)
+    templates = ["{}", "The capital. {}", "Miles Davis plays the piano. {}"]
+    targets = targets_of(handle, requests)
+    fast = optimize_deltas(handle, point, requests, targets, templates, h0, objective)
+    whole = optimize_deltas(handle, point, requests, targets, templates, h0, objective,
+                            suffix_only=False)
+    assert fast.steps == whole.steps
+    torch.testing.assert_close(fast.delta, whole.delta, atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(torch.tensor(fast.loss_last), torch.tensor(whole.loss_last),
+                               atol=1e-4, rtol=1e-4)
+    assert fast.delta.abs().max() > 0
+
+
 def test_delta_respects_the_clamp(gpt2):
     point = "blocks.1.hook_resid_post"
     h0 = fact_token_reads(gpt2, REQUESTS, ["{}"], "last", {point: "bare"})[point]

@@ -58,7 +58,9 @@ class MEMITHyperParams(HyperParams):
     context_templates: tuple[tuple[int, int], ...] = ((10, 10),)  # (tokens, count)
     context_seed: int = 0  # seed of the template sampler
     batch_size: int | None = None  # edits per sequential MEMIT batch (None: all at once)
-    max_batch_tokens: int = 16384  # padded tokens per forward pass (z optimisation, keys)
+    # padded tokens per forward pass (z optimisation, keys); small passes stay in CPU caches
+    # (4,096 ran 1.5× faster than 16,384 on 2 CPU cores), raise it on a GPU
+    max_batch_tokens: int = 4096
 
     FAMILY_DEFAULTS: ClassVar[dict[str, dict[str, Any]]] = {
         "gpt2": {"mom2_update_weight": 20000.0}, "gpt_neo": {}, "gptj": {}, "gpt_neox": {},

@@ -24,7 +24,9 @@ frozen and its rows leave the batch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +36,7 @@ from memlens import hooks
 from memlens.edit.compute import fact_position, templated_prompts
 from memlens.edit.requests import EditRequest
 from memlens.errors import MemlensError, NumericalError
+from memlens.model import kv_cache_kwargs, kv_cache_of
 
 
 @dataclass(frozen=True)
@@ -110,19 +113,26 @@ def _fact_rows(tok: Any, request: EditRequest, target: Sequence[int], templates:
     return _Fact(rows, lookups, labels)
 
 
-def _chunks(facts: list[_Fact], max_batch_tokens: int) -> list[list[int]]:
-    """Consecutive fact indices grouped so that rows × widest row ≤ max_batch_tokens."""
+def _chunks(facts: list[_Fact], max_batch_tokens: int, suffix_only: bool) -> list[list[int]]:
+    """Fact indices grouped so that rows × widest row ≤ max_batch_tokens, facts taken in order
+    of the width a pass pads them to (the suffix from the fact token, or the whole row), so
+    that each group pads little."""
+    def width(fact: _Fact) -> int:
+        return max(len(r) - (p if suffix_only else 0)
+                   for r, p in zip(fact.rows, fact.lookups, strict=True))
+
     groups: list[list[int]] = []
     current: list[int] = []
-    n_rows = width = 0
-    for i, fact in enumerate(facts):
-        w = max(width, max(len(r) for r in fact.rows))
+    n_rows = widest = 0
+    for i in sorted(range(len(facts)), key=lambda i: width(facts[i])):
+        fact = facts[i]
+        w = max(widest, max(len(r) for r in fact.rows))
         if current and (n_rows + len(fact.rows)) * w > max_batch_tokens:
             groups.append(current)
             current, n_rows, w = [], 0, max(len(r) for r in fact.rows)
         current.append(i)
         n_rows += len(fact.rows)
-        width = w
+        widest = w
     if current:
         groups.append(current)
     return groups
@@ -137,7 +147,8 @@ def optimize_deltas(
     init: torch.Tensor,
     objective: DeltaObjective = DeltaObjective(),
     *,
-    max_batch_tokens: int = 16384,
+    max_batch_tokens: int = 4096,
+    suffix_only: bool = True,
     progress: bool = False,
 ) -> DeltaResult:
     """Optimise δ_i for every request in batches of whole facts (see module docstring).
@@ -147,7 +158,9 @@ def optimize_deltas(
     bare prompt's fact token (it sets the clamp radius and the decay scale). ``targets[i]`` are
     the token ids of requests[i].target_new as they follow its prompt. Facts are packed into
     forward passes of at most ``max_batch_tokens`` padded tokens; ``max_batch_tokens=0`` puts
-    each fact alone (the one-after-another reference loop).
+    each fact alone (the one-after-another reference loop). ``suffix_only`` runs only what δ
+    can change (blocks from the point's up, positions from the fact token on; see
+    :class:`_SuffixPasses`); ``False`` runs the whole model each step, as the reference does.
 
         z = optimize_deltas(handle, "blocks.3.hook_resid_post", reqs, ids, ["{}"], h0).target
     """
@@ -165,7 +178,7 @@ def optimize_deltas(
                          steps=[0] * n, loss_first=[0.0] * n, loss_last=[0.0] * n,
                          prob_before=[0.0] * n, prob_after=[0.0] * n)
     groups = [[i] for i in range(n)] if max_batch_tokens <= 0 else \
-        _chunks(facts, max_batch_tokens)
+        _chunks(facts, max_batch_tokens, suffix_only)
     model = handle.model
     flags = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
@@ -177,7 +190,8 @@ def optimize_deltas(
         bar = ProgressBar(f"z/v* of {n} facts", n, 0)
     try:
         for group in groups:
-            _optimize_group(handle, point, [facts[i] for i in group], group, result, objective)
+            _optimize_group(handle, point, [facts[i] for i in group], group, result, objective,
+                            suffix_only)
             if bar:
                 for _ in group:
                     bar.advance()
@@ -192,30 +206,24 @@ def optimize_deltas(
 
 
 def _optimize_group(handle: Any, point: str, facts: list[_Fact], index: list[int],
-                    result: DeltaResult, objective: DeltaObjective) -> None:
+                    result: DeltaResult, objective: DeltaObjective, suffix_only: bool) -> None:
     """Optimise the δ of the facts ``index`` (one batch) into ``result``."""
     device = handle.device
-    tok = handle.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     rows = [r for f in facts for r in f.rows]
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    attention = torch.zeros_like(input_ids)
-    for i, r in enumerate(rows):
-        input_ids[i, : len(r)] = torch.tensor(r)
-        attention[i, : len(r)] = 1
-    row_fact, row_lookup, kl_rows, labels = [], [], [], []
+    lookups = [p for f in facts for p in f.lookups]
+    passes = (_SuffixPasses if suffix_only else _FullPasses)(handle, point, rows, lookups)
+    row_fact, kl_rows, labels = [], [], []
     offset = 0
     for f, fact in enumerate(facts):
         row_fact += [f] * len(fact.rows)
-        row_lookup += fact.lookups
         kl_rows.append(offset + len(fact.rows) - 1)
         labels += [(offset + r, pos, t, f) for r, pos, t in fact.labels]
         offset += len(fact.rows)
     row_fact_t = torch.tensor(row_fact)
-    row_lookup_t = torch.tensor(row_lookup)
     kl_rows_t = torch.tensor(kl_rows)
     lab = torch.tensor(labels)  # (n_labels, 4): row, position, token, fact
+    lab[:, 1] = passes.column(lab[:, 0], lab[:, 1])  # position → column of the pass
+    kl_cols = passes.column(kl_rows_t, torch.tensor(lookups)[kl_rows_t])
     m = len(facts)
     h = result.init[index].to(device)  # (m, d)
     h_norm = h.norm(dim=1)
@@ -225,6 +233,7 @@ def _optimize_group(handle: Any, point: str, facts: list[_Fact], index: list[int
     active = torch.ones(m, dtype=torch.bool)
     final = torch.zeros_like(h)
     kl_init: torch.Tensor | None = None
+    unembed = handle.arch.unembedding(handle.model)
 
     for step in range(objective.steps):
         facts_on = active.nonzero().squeeze(1)
@@ -233,7 +242,7 @@ def _optimize_group(handle: Any, point: str, facts: list[_Fact], index: list[int
         remap[row_on] = torch.arange(len(row_on))
         lab_on = lab[active[lab[:, 3]]]
         rows_idx = torch.arange(len(row_on), device=device)
-        look_idx = row_lookup_t[row_on].to(device)
+        look_idx = passes.fact_column(row_on).to(device)
         fact_of_row = row_fact_t[row_on].to(device)
 
         def add_delta(out: torch.Tensor, rows_idx=rows_idx, look_idx=look_idx,
@@ -242,12 +251,7 @@ def _optimize_group(handle: Any, point: str, facts: list[_Fact], index: list[int
                                  accumulate=True)
 
         optimizer.zero_grad()
-        with hooks.edit(handle.model, point, add_delta):
-            # the body only; the unembedding runs at the few positions the loss reads
-            hidden = handle.model.base_model(
-                input_ids=input_ids[row_on].to(device),
-                attention_mask=attention[row_on].to(device)).last_hidden_state
-        unembed = handle.arch.unembedding(handle.model)
+        hidden = passes.run(row_on, add_delta)
         # NLL_i: mean over fact i's label tokens (each prompt has the same target length)
         picked = unembed(hidden[remap[lab_on[:, 0]].to(device), lab_on[:, 1].to(device)]).float()
         token_lp = torch.log_softmax(picked, dim=-1).gather(
@@ -258,8 +262,8 @@ def _optimize_group(handle: Any, point: str, facts: list[_Fact], index: list[int
         nll = nll_sum / count.clamp(min=1)
         # KL(edited ‖ original) at each active fact's KL prompt
         kl_r = remap[kl_rows_t[facts_on]].to(device)
-        kl_lp = torch.log_softmax(unembed(hidden[kl_r, row_lookup_t[kl_rows_t[facts_on]]
-                                                 .to(device)]).float(), dim=-1)
+        kl_lp = torch.log_softmax(unembed(hidden[kl_r, kl_cols[facts_on].to(device)]).float(),
+                                  dim=-1)
         if kl_init is None:
             kl_init = kl_lp.detach().clone()  # step 0: every fact is active
         kl = torch.zeros(m, device=device)
@@ -291,3 +295,159 @@ def _optimize_group(handle: Any, point: str, facts: list[_Fact], index: list[int
                                 torch.ones_like(norms))
             delta.mul_(scale[:, None])
     result.delta[index] = final.cpu().float()
+
+
+class _FullPasses:
+    """Each step runs the whole model on the whole right-padded rows (the reference's way)."""
+
+    def __init__(self, handle: Any, point: str, rows: list[list[int]], lookups: list[int]):
+        self.handle, self.point = handle, point
+        self.input_ids, self.attention = _padded(handle.tokenizer, rows)
+        self.lookups = torch.tensor(lookups)
+
+    def column(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Column of the pass's output holding token ``positions`` of ``rows``."""
+        return positions
+
+    def fact_column(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.lookups[rows]
+
+    def run(self, rows: torch.Tensor, add_delta) -> torch.Tensor:
+        """Final hidden states (before the unembedding) of ``rows`` with δ added at the point."""
+        device = self.handle.device
+        with hooks.edit(self.handle.model, self.point, add_delta):
+            return self.handle.model.base_model(
+                input_ids=self.input_ids[rows].to(device),
+                attention_mask=self.attention[rows].to(device)).last_hidden_state
+
+
+class _SuffixPasses:
+    """Each step runs only what δ can change: the blocks from the point's block up, on the
+    positions from the fact token on.
+
+    Rows are left-padded so that every fact token sits in column P. One pass without gradients
+    stores the KV cache of columns < P and the output, on columns ≥ P, of the last block below
+    the point (δ reaches neither). Each step is then a cached forward over the S ≥ 1 suffix
+    columns in which the blocks below the point return that stored output without running.
+    Real tokens keep their positions, so the losses equal :class:`_FullPasses`' up to float
+    rounding.
+    """
+
+    def __init__(self, handle: Any, point: str, rows: list[list[int]], lookups: list[int]):
+        self.handle, self.point = handle, point
+        model, device = handle.model, handle.device
+        self.lookups = torch.tensor(lookups)
+        width = max(len(r) - p for r, p in zip(rows, lookups, strict=True))
+        self.n_prefix = P = int(self.lookups.max())
+        ids = torch.full((len(rows), P + width), _pad_id(handle.tokenizer), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, (r, p) in enumerate(zip(rows, lookups, strict=True)):
+            ids[i, P - p: P - p + len(r)] = torch.tensor(r)
+            mask[i, P - p: P - p + len(r)] = 1
+        self.attention = mask.to(device)
+        self.positions = (mask.cumsum(1) - 1).clamp(min=0).to(device)
+        self.suffix = ids[:, P:].to(device)
+        self.skipped = _blocks_below(handle, point)
+        points = [f"blocks.{self.skipped - 1}.hook_resid_post"] if self.skipped else []
+        structure: list[int] = []
+        probe = handle.arch.blocks(model)[0].register_forward_hook(
+            lambda module, args, out: structure.append(len(out) if isinstance(out, tuple) else 0))
+        try:
+            with torch.no_grad(), hooks.capture(model, points) as cache:
+                out = model(input_ids=ids.to(device), attention_mask=self.attention,
+                            position_ids=self.positions, use_cache=True, logits_to_keep=1)
+        finally:
+            probe.remove()
+        self.tuple_len = structure[0]
+        self.entry = cache[points[0]][:, P:] if points else None
+        keep = self.attention[:, None, :P, None].bool()  # padded keys/values → 0, not NaN
+        self.prefix_kv = [(torch.where(keep, layer.keys[:, :, :P], 0.0),
+                           torch.where(keep, layer.values[:, :, :P], 0.0))
+                          for layer in kv_cache_of(out).layers[self.skipped:]] if P else None
+
+    def column(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return positions - self.lookups[rows]
+
+    def fact_column(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(rows)
+
+    def run(self, rows: torch.Tensor, add_delta) -> torch.Tensor:
+        with hooks.edit(self.handle.model, self.point, add_delta), self._skip_lower(rows):
+            return self._forward(rows)
+
+    def _forward(self, rows: torch.Tensor) -> torch.Tensor:
+        model = self.handle.model
+        rows = rows.to(self.handle.device)
+        past = None
+        if self.prefix_kv is not None:
+            from transformers import DynamicCache
+
+            # skipped blocks never read their cache layer: a zero-stride stand-in of the right
+            # length keeps the cache's length (read from layer 0) without copying anything
+            k0, v0 = self.prefix_kv[0]
+            stand_in = (k0.new_zeros(()).expand(len(rows), *k0.shape[1:]),
+                        v0.new_zeros(()).expand(len(rows), *v0.shape[1:]))
+            past = DynamicCache([stand_in] * self.skipped
+                                + [(k[rows], v[rows]) for k, v in self.prefix_kv],
+                                config=model.config)
+        return model.base_model(
+            input_ids=self.suffix[rows], attention_mask=self.attention[rows],
+            position_ids=self.positions[rows, self.n_prefix:], use_cache=past is not None,
+            **kv_cache_kwargs(model.base_model, past)).last_hidden_state
+
+    @contextmanager
+    def _skip_lower(self, rows: torch.Tensor) -> Iterator[None]:
+        """Blocks below the point return the stored entry (of ``rows``) without running; only
+        the last one's output is read by the next block."""
+        if self.entry is None:
+            yield
+            return
+        blocks = self.handle.arch.blocks(self.handle.model)
+        forward = _returning(self.entry[rows.to(self.entry.device)], self.tuple_len)
+        patched = []
+        try:
+            for j in range(self.skipped):
+                patched.append((blocks[j], blocks[j].__dict__.get("forward")))
+                blocks[j].forward = forward
+            yield
+        finally:
+            for block, own_forward in patched:
+                if own_forward is None:
+                    del block.forward
+                else:
+                    block.forward = own_forward
+
+
+def _returning(stored: torch.Tensor, tuple_len: int):
+    """A block forward that computes nothing and returns ``stored`` (as the block would)."""
+
+    def forward(*args, **kwargs):
+        out = stored.clone()
+        return (out, *(None,) * max(0, tuple_len - 1)) if tuple_len else out
+
+    return forward
+
+
+def _blocks_below(handle: Any, point: str) -> int:
+    """How many blocks δ at ``point`` cannot change: those below its block, and the block too
+    when the point is the block's output (``blocks.L.hook_resid_post``)."""
+    match = re.match(r"^blocks\.(\d+)\.(\w+)", point)
+    if not match:
+        return 0
+    layer = int(match.group(1))
+    return layer + 1 if match.group(2) == "hook_resid_post" else layer
+
+
+def _pad_id(tok: Any) -> int:
+    return tok.pad_token_id if tok.pad_token_id is not None else 0
+
+
+def _padded(tok: Any, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded input ids and attention mask of ``rows``."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), _pad_id(tok), dtype=torch.long)
+    attention = torch.zeros_like(input_ids)
+    for i, r in enumerate(rows):
+        input_ids[i, : len(r)] = torch.tensor(r)
+        attention[i, : len(r)] = 1
+    return input_ids, attention

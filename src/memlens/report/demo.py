@@ -46,7 +46,7 @@ class DemoConfig:
     # memorized paragraphs untouched (MP EM 50 → 50 on facts-gpt2); tiny needs lr 0.1 × 10.
     memorization_lr: float = 0.1
     memorization_steps: int = 10
-    topk_steps: int = 300
+    topk_steps: int = 200  # `memlens topk all` (the README's numbers) trains 300
     topk_auto: int = 4
     topk_neuron_blocks: int = 512  # held-out blocks the neuron entropies are measured on
     generation_tokens: int = 20
