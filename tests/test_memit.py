@@ -388,3 +388,14 @@ def test_memit_on_tiny_edits_many_facts_and_spares_unrelated_ones(tiny_handle, t
     assert_same_state(handle, before)
     assert post["ES"] >= pre["ES"] + 0.6
     assert kept >= 0.6 * len(known)
+
+
+def test_band_around_peak_leaves_out_the_last_layer_and_nan():
+    from memlens.edit.memit import band_around_peak
+
+    # the last layer's 0.9 is ignored: z there cannot reach the prediction
+    assert band_around_peak([0.1, 0.5, 0.4, 0.1, 0.9]) == [1, 2]
+    assert band_around_peak([float("nan"), 0.3, 0.2, 0.0]) == [1, 2]
+    assert band_around_peak([0.3, 0.1, 0.0, 0.0]) == [0]
+    assert band_around_peak([0.3, 0.1, 0.0, 0.0], threshold=0.2) == [0, 1]
+    assert band_around_peak([-0.1, 0.0, 0.0]) is None

@@ -251,3 +251,11 @@ def test_depth_scaled_window():
     from memlens.trace.runs import depth_scaled_window
 
     assert [depth_scaled_window(n) for n in (48, 28, 12, 6, 1)] == [10, 6, 2, 1, 1]
+
+
+def test_default_window_is_the_papers_on_deep_models_and_scaled_on_shallow_ones(sharp_handle):
+    from memlens.trace.runs import default_window
+
+    assert [default_window(n) for n in (48, 28, 27, 12, 6)] == [10, 10, 6, 2, 1]
+    result = trace_fact(sharp_handle, PROMPT, SUBJECT, kinds=("mlp",), samples=2)
+    assert result.window == default_window(sharp_handle.n_layers)

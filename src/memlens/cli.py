@@ -154,8 +154,9 @@ def trace(
                                               "embeddings.")] = None,
     answer: Annotated[str | None, typer.Option("--answer", help="Token to score (default: "
                                                "the model's prediction).")] = None,
-    window: Annotated[int, typer.Option("--window", help="Layers restored together for "
-                                        "mlp/attn.")] = 10,
+    window: Annotated[int | None, typer.Option("--window", help="Layers restored together "
+                                               "for mlp/attn (default: 10 on models of ≥ 28 "
+                                               "layers, 10·L/48 on shallower ones).")] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     out: OutOpt = Path("memlens-trace"),
     as_json: JsonOpt = False,
@@ -202,9 +203,9 @@ def trace_avg(
     samples: Annotated[int, typer.Option("--samples", help="Noise samples S.")] = 10,
     noise: Annotated[str | None, typer.Option("--noise", help="ν, 'uniform' or 'uniform:X'.")]
     = None,
-    window: Annotated[int, typer.Option("--window", help="Layers restored together for "
-                                        "mlp/attn (use fewer than 10 on shallow models).")]
-    = 10,
+    window: Annotated[int | None, typer.Option("--window", help="Layers restored together "
+                                               "for mlp/attn (default: 10 on models of ≥ 28 "
+                                               "layers, 10·L/48 on shallower ones).")] = None,
     out: OutOpt = Path("memlens-trace-avg"),
     as_json: JsonOpt = False,
     device: DeviceOpt = None,

@@ -119,16 +119,30 @@ def choose_layers(handle: Any, requests: Sequence[EditRequest], *, n_facts: int 
         return band, f"middle band (trace failed: {exc})"
     if avg.n_facts == 0:
         return band, "middle band (no traced fact was known to the model)"
-    curve = avg.effect("mlp", "last_subject")[: max(1, handle.n_layers - 1)]
-    peak = int(curve.argmax())
-    if not curve[peak] > 0:
-        return band, "middle band (no positive MLP effect at the last subject token)"
+    curve = avg.effect("mlp", "last_subject")
+    band = band_around_peak(curve, threshold)
+    if band is None:
+        return middle_band(handle.n_layers), \
+            "middle band (no positive MLP effect at the last subject token)"
+    peak = max(band, key=lambda layer: curve[layer])
+    return band, f"causal trace of {avg.n_facts} facts (MLP AIE peak {peak})"
+
+
+def band_around_peak(curve: Sequence[float], threshold: float = 0.5) -> list[int] | None:
+    """The contiguous layers around the peak of ``curve`` (an MLP indirect effect per layer at
+    the last subject token) whose effect is ≥ ``threshold`` × the peak, leaving out the last
+    layer (z written there cannot reach the prediction); None without a positive peak."""
+    values = [float(v) for v in curve][: max(1, len(curve) - 1)]
+    clean = [v if v == v else float("-inf") for v in values]  # NaN never peaks
+    peak = max(range(len(clean)), key=clean.__getitem__)
+    if not clean[peak] > 0:
+        return None
     lo = hi = peak
-    while lo > 0 and curve[lo - 1] >= threshold * curve[peak]:
+    while lo > 0 and clean[lo - 1] >= threshold * clean[peak]:
         lo -= 1
-    while hi < len(curve) - 1 and curve[hi + 1] >= threshold * curve[peak]:
+    while hi < len(clean) - 1 and clean[hi + 1] >= threshold * clean[peak]:
         hi += 1
-    return list(range(lo, hi + 1)), f"causal trace of {avg.n_facts} facts (MLP AIE peak {peak})"
+    return list(range(lo, hi + 1))
 
 
 def _stats_for(handle: Any, layers: list[int], stats: dict[int, KeyStats] | None,

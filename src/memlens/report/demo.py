@@ -68,6 +68,7 @@ def run_demo(out: Path, config: DemoConfig | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     console.rule(f"memlens demo on {config.model}")
     handle = load_model(config.model)
+    found: dict[str, Any] = {}  # what a section finds for later ones (the trace's recall site)
     for order, key in enumerate(config.sections):
         if key not in SECTIONS:
             raise KeyError(f"unknown demo section {key!r}; known: {', '.join(SECTIONS)}")
@@ -77,7 +78,7 @@ def run_demo(out: Path, config: DemoConfig | None = None) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         try:
-            section = step(handle, directory, config)
+            section = step(handle, directory, config, found)
         except Exception as exc:  # noqa: BLE001 - one failed section must not hide the others
             console.print(f"[bold red]{title} failed:[/] {exc}")
             section = Section(key=key, title=title, command="", model=config.model,
@@ -92,12 +93,19 @@ def run_demo(out: Path, config: DemoConfig | None = None) -> Path:
     return index
 
 
+def _layer_source(found: dict) -> str:
+    if "edit_layers" in found:
+        return ("the demo's averaged causal trace: MLP effect at the last subject token, "
+                "layers ≥ ½ of its peak")
+    return "the editor's default (a causal trace of the request)"
+
+
 def _figures(directory: Path, names: list[Path] | list[str]) -> list[str]:
     """PNG figure names relative to ``directory`` (SVGs stay on disk for papers)."""
     return [Path(name).name for name in names if str(name).endswith(".png")]
 
 
-def _organism(handle, directory: Path, config: DemoConfig) -> Section:
+def _organism(handle, directory: Path, config: DemoConfig, found: dict) -> Section:
     from memlens.organisms.build import evaluate_organism
 
     if handle.source_dir is None or not (handle.source_dir / "organism.json").exists():
@@ -121,7 +129,8 @@ def _organism(handle, directory: Path, config: DemoConfig) -> Section:
     )
 
 
-def _trace(handle, directory: Path, config: DemoConfig) -> Section:
+def _trace(handle, directory: Path, config: DemoConfig, found: dict) -> Section:
+    from memlens.edit.memit import band_around_peak
     from memlens.organisms.registry import organism_file
     from memlens.trace import average_trace, load_facts, select_facts, trace_cache, trace_fact
     from memlens.trace.plot import plot_average, plot_trace
@@ -136,6 +145,11 @@ def _trace(handle, directory: Path, config: DemoConfig) -> Section:
     (directory / "trace_avg.json").write_text(json.dumps(avg.to_json(), indent=1))
     figures += plot_average(avg, directory)
     site = avg.recall_site()
+    band = band_around_peak(avg.effect("mlp", "last_subject"))
+    if band is not None:  # the editing sections edit where this organism recalls
+        curve = avg.effect("mlp", "last_subject")
+        found["edit_layers"] = band
+        found["edit_layer"] = max(band, key=lambda layer: curve[layer])
     rows = [[kind, site["aie_last_subject_token"][kind]["max"],
              site["aie_last_subject_token"][kind]["layer"],
              site["aie_last_token"][kind]["max"], site["aie_last_token"][kind]["layer"]]
@@ -159,7 +173,7 @@ def _trace(handle, directory: Path, config: DemoConfig) -> Section:
     )
 
 
-def _rome(handle, directory: Path, config: DemoConfig) -> Section:
+def _rome(handle, directory: Path, config: DemoConfig, found: dict) -> Section:
     from memlens.edit import apply_rome
     from memlens.evaluate import evaluate_counterfact, load_counterfact
     from memlens.organisms.registry import organism_file
@@ -171,20 +185,22 @@ def _rome(handle, directory: Path, config: DemoConfig) -> Section:
     prompts = [request.prompt.format(request.subject)] + list(case.paraphrase_prompts[:1]) \
         + list(case.neighborhood_prompts[:1])
     before = _generate(handle, prompts, config.generation_tokens)
-    edit = apply_rome(handle, request)
+    edit = apply_rome(handle, request, layer=found.get("edit_layer"))
     after = _generate(handle, prompts, config.generation_tokens)
     layer = edit.layer
     edit.undo()
-    result = evaluate_counterfact(handle, cases, editor="rome", progress=True)
+    result = evaluate_counterfact(handle, cases, editor="rome", layer=layer, progress=True)
     (directory / "counterfact.json").write_text(json.dumps(result.to_dict(), indent=1,
                                                            default=str))
     rows = [[metric, values["pre"], values["post"]] for metric, values in result.summary.items()
             if isinstance(values, dict)]
     return Section(
         key="", title="", model=config.model,
-        command=f"memlens edit rome --model {config.model} --request req.json; memlens eval "
-                f"counterfact --model {config.model} --edit rome --n {config.rome_cases}",
-        hparams={"layer": layer, "request": {"prompt": request.prompt, "subject":
+        command=f"memlens edit rome --model {config.model} --request req.json --layer {layer}; "
+                f"memlens eval counterfact --model {config.model} --edit rome --layer {layer} "
+                f"--n {config.rome_cases}",
+        hparams={"layer": layer, "layer_source": _layer_source(found),
+                 "request": {"prompt": request.prompt, "subject":
                                              request.subject, "target_new": request.target_new}},
         summary={"edited_layer": layer, "cases": len(cases)},
         tables=[Table(f"Generations before / after {request.subject}: {request.target_true} → "
@@ -198,13 +214,14 @@ def _rome(handle, directory: Path, config: DemoConfig) -> Section:
     )
 
 
-def _memit(handle, directory: Path, config: DemoConfig) -> Section:
+def _memit(handle, directory: Path, config: DemoConfig, found: dict) -> Section:
     from memlens.edit.scaling import bench_edits, plot_scaling
     from memlens.evaluate import load_counterfact
     from memlens.organisms.registry import organism_file
 
     cases = load_counterfact(organism_file(config.model, "counterfact.json"))
     result = bench_edits(handle, cases, config.memit_sizes, ge_cases=config.memit_ge_cases,
+                         layers=found.get("edit_layers"), layer=found.get("edit_layer"),
                          out_dir=directory, progress=True)
     figure = plot_scaling(result, directory / "scaling.png")
     (directory / "scaling.json").write_text(json.dumps(result.to_dict(), indent=1, default=str))
@@ -213,10 +230,14 @@ def _memit(handle, directory: Path, config: DemoConfig) -> Section:
     return Section(
         key="", title="", model=config.model,
         command=f"memlens bench-edits --model {config.model} --sizes "
-                + ",".join(map(str, config.memit_sizes)) + f" --ge-cases {config.memit_ge_cases}",
+                + ",".join(map(str, config.memit_sizes)) + f" --ge-cases {config.memit_ge_cases}"
+                + (f" --layers {result.settings['layers'][0]}-{result.settings['layers'][-1]}"
+                   f" --layer {result.settings['layer']}" if "edit_layers" in found else ""),
         hparams={"sizes": list(config.memit_sizes), "ge_cases": config.memit_ge_cases,
                  **{k: result.settings[k] for k in ("layers", "layers_source", "layer",
-                                                     "layer_source") if k in result.settings}},
+                                                     "layer_source") if k in result.settings},
+                 **({"layers_source": _layer_source(found), "layer_source": _layer_source(found)}
+                    if "edit_layers" in found else {})},
         tables=[Table("Edits at once: MEMIT vs sequential ROME vs FT-L",
                       ["method", "edits", "ES", "PS", "NS", "Score", "GE", "seconds"], rows)],
         figures=[Path(figure).name],
@@ -225,7 +246,7 @@ def _memit(handle, directory: Path, config: DemoConfig) -> Section:
     )
 
 
-def _memorization(handle, directory: Path, config: DemoConfig) -> Section:
+def _memorization(handle, directory: Path, config: DemoConfig, found: dict) -> Section:
     from memlens.memorization import load_paragraphs
     from memlens.memorization.pipeline import Settings, run_all
     from memlens.model import load_model
@@ -267,7 +288,7 @@ def _fmt(values: Any) -> str:
     return str(values)
 
 
-def _topk(handle, directory: Path, config: DemoConfig) -> Section:
+def _topk(handle, directory: Path, config: DemoConfig, found: dict) -> Section:
     from memlens.topk import TopKTrainConfig, run_all
     from memlens.topk.experiment import shared_models_dir
 

@@ -33,7 +33,7 @@ from memlens.cache import cache_dir
 from memlens.errors import EmptyInput, MemlensError, SubjectNotFound
 from memlens.tokens import target_ids
 from memlens.trace.noise import NoiseArg, resolve_noise
-from memlens.trace.runs import KINDS, TraceResult, check_kinds, trace_fact
+from memlens.trace.runs import KINDS, TraceResult, check_kinds, default_window, trace_fact
 
 if TYPE_CHECKING:
     from memlens.model import ModelHandle
@@ -170,7 +170,7 @@ class AverageTrace:
 
 def average_trace(handle: ModelHandle, facts: Sequence[dict[str, str]], *, n: int | None = None,
                   kinds: Sequence[str] = KINDS, samples: int = 10, noise: NoiseArg = None,
-                  seed: int = 0, window: int = 10, progress: bool = True,
+                  seed: int = 0, window: int | None = None, progress: bool = True,
                   resume: str | Path | None = None) -> AverageTrace:
     """Trace the first ``n`` facts (all if None) and average their effects per token group.
 
@@ -187,6 +187,7 @@ def average_trace(handle: ModelHandle, facts: Sequence[dict[str, str]], *, n: in
         raise EmptyInput("no facts to trace")
     spec = resolve_noise(handle, noise, [f["subject"] for f in facts if f.get("subject")])
     done = _read_resume(resume)
+    window = default_window(handle.n_layers) if window is None else window
     settings = json.dumps([handle.fingerprint(), kinds, samples, spec.scale, spec.dist, seed,
                            window])
     L = handle.n_layers

@@ -29,6 +29,7 @@ from memlens.trace.runs import (
     TraceInputs,
     TraceResult,
     check_kinds,
+    default_window,
     restoration,
     site_hook,
     trace_inputs,
@@ -84,7 +85,7 @@ def patched_probability(handle: ModelHandle, inp: TraceInputs,
 
 def naive_trace(handle: ModelHandle, prompt: str, subject: str, *,
                 kinds: Sequence[str] = KINDS, samples: int = 10, noise: NoiseArg = None,
-                seed: int = 0, window: int = 10, answer: str | None = None,
+                seed: int = 0, window: int | None = None, answer: str | None = None,
                 positions: Sequence[int] | None = None) -> TraceResult:
     """:func:`memlens.trace.trace_fact` computed the slow way: one batch-(1+S) forward pass of
     the whole model per (kind, token, layer); tokens not in ``positions`` are NaN."""
@@ -92,6 +93,7 @@ def naive_trace(handle: ModelHandle, prompt: str, subject: str, *,
     inp = trace_inputs(handle, prompt, subject, samples=samples, noise=noise, seed=seed,
                        answer=answer)
     T, L = inp.n_tokens, handle.n_layers
+    window = default_window(L) if window is None else window
     scores = {kind: np.full((T, L), np.nan) for kind in kinds}
     for kind in kinds:
         for t in range(T) if positions is None else positions:

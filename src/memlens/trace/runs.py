@@ -86,6 +86,14 @@ def depth_scaled_window(n_layers: int) -> int:
     return max(1, round(n_layers * 10 / 48))
 
 
+def default_window(n_layers: int) -> int:
+    """The window a trace uses when none is given: the paper's 10 on models as deep as its own
+    (GPT-J's 28 layers and more), :func:`depth_scaled_window` on shallower ones, where 10 layers
+    would cover most of the model and flatten the MLP/attention curves (1 on the 6-layer
+    organisms, 2 on GPT-2 small)."""
+    return 10 if n_layers >= 28 else depth_scaled_window(n_layers)
+
+
 @dataclass(frozen=True)
 class Restoration:
     """One restored run at one token: sites written back to their clean values (``restore``)
@@ -435,14 +443,15 @@ def _corrupted_prefix_cache(handle: ModelHandle, inp: TraceInputs, token: int,
 
 def trace_fact(handle: ModelHandle, prompt: str, subject: str, *,
                kinds: Sequence[str] = KINDS, samples: int = 10,
-               noise: NoiseArg | NoiseSpec = None, seed: int = 0, window: int = 10,
+               noise: NoiseArg | NoiseSpec = None, seed: int = 0, window: int | None = None,
                answer: str | None = None, positions: Sequence[int] | None = None,
                batch_size: int = 512) -> TraceResult:
     """Causal trace of one fact: P(answer) after restoring each (token, layer), per kind.
 
     ``kinds``: any of hidden, mlp, attn, severed_mlp, severed_attn ("all" = the first three).
     ``noise``: None (ν = 3σ of subject embeddings, see :func:`resolve_noise`), a float ν, or
-    "uniform". ``answer``: the token scored (default: the clean run's top token).
+    "uniform". ``window``: layers restored together for mlp/attn (default
+    :func:`default_window`). ``answer``: the token scored (default: the clean run's top token).
     ``positions``: tokens to trace (default: all; others are NaN). ``batch_size``: rows per
     forward pass (restorations × samples).
 
@@ -450,6 +459,7 @@ def trace_fact(handle: ModelHandle, prompt: str, subject: str, *,
         result.scores["mlp"].shape      # (n_tokens, n_layers)
     """
     kinds = check_kinds(kinds)
+    window = default_window(handle.n_layers) if window is None else window
     if window < 1:
         raise MemlensError(f"window must be ≥ 1, got {window}")
     inp = trace_inputs(handle, prompt, subject, samples=samples, noise=noise, seed=seed,
