@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
+import subprocess
+import sys
 
 import pytest
 
@@ -264,10 +267,28 @@ def test_distractor_sentences_name_two_entities_and_keep_the_object_last():
     assert sum(any(f in d for f in frames) for d in mixed) > 20
 
 
-def test_new_fact_fields_leave_existing_cache_keys_unchanged():
+def test_new_fact_fields_stay_out_of_cache_keys_when_unset():
     spec = registry.ORGANISMS["facts-gpt2"]
-    assert spec.key() == "5d92ae96297d"  # built before distractor_fraction existed
+    d = spec.to_dict()
+    assert "distractor_fraction" in d["facts"]
+    blob = json.dumps({"generator": C.GENERATOR_VERSION, "spec": {
+        **{k: v for k, v in d.items() if k not in ("description", "checkpoint_every")},
+        "facts": {k: v for k, v in d["facts"].items()
+                  if k not in ("distractor_fraction", "table_fraction")}}}, sort_keys=True)
+    assert spec.key() == hashlib.sha256(blob.encode()).hexdigest()[:12]
     assert registry.ORGANISMS["facts-gpt2-distract"].key() != spec.key()
+
+
+def test_stdlib_texts_do_not_depend_on_what_the_process_imported():
+    """Generator 3 read submodules that other imports had attached (importlib.util, ...)."""
+    script = ("import hashlib, sys\n"
+              "if sys.argv[1] == 'more':\n"
+              "    import importlib.util, email.message, concurrent.futures.thread, xml.dom\n"
+              "from memlens.organisms.corpus import stdlib_texts\n"
+              "print(hashlib.sha256('\\n'.join(stdlib_texts()).encode()).hexdigest())")
+    digests = {subprocess.run([sys.executable, "-c", script, mode], capture_output=True,
+                              text=True, check=True).stdout for mode in ("few", "more")}
+    assert len(digests) == 1
 
 
 def test_table_rows_put_every_object_right_after_its_subject():

@@ -27,7 +27,10 @@ import re
 import warnings
 from dataclasses import dataclass, field
 
-GENERATOR_VERSION = "3"
+# 4: stdlib_texts skips submodules that other imports attach to a module (``importlib.util``,
+# ``email.message``, ...): the plain text of generator 3 depended on what the building process
+# had imported, so two builds of one key could differ.
+GENERATOR_VERSION = "4"
 
 
 @dataclass(frozen=True)
@@ -597,7 +600,8 @@ def _prose_paragraphs(doc: str) -> list[str]:
 
 def stdlib_texts() -> list[str]:
     """Prose docstrings of a fixed list of stdlib modules: one string per docstring, deduplicated,
-    in a deterministic order (may differ between Python versions)."""
+    in a deterministic order that does not depend on what the process imported before (it may
+    differ between Python versions)."""
     seen: set[str] = set()
     texts: list[str] = []
     with warnings.catch_warnings():
@@ -607,7 +611,9 @@ def stdlib_texts() -> list[str]:
                 mod = importlib.import_module(modname)
             except Exception:  # noqa: BLE001 — optional stdlib pieces may be missing
                 continue
-            objs = [mod] + [getattr(mod, n, None) for n in sorted(dir(mod)) if not n.startswith("_")]
+            # a submodule is an attribute only once something imported it: never read one
+            objs = [mod] + [obj for n in sorted(dir(mod)) if not n.startswith("_")
+                            and not inspect.ismodule(obj := getattr(mod, n, None))]
             for obj in objs:
                 members = [obj]
                 if inspect.isclass(obj) and getattr(obj, "__module__", "") == mod.__name__:
