@@ -279,7 +279,11 @@ def test_context_templates_are_generated_once_and_cached(random_model_dirs, tmp_
 
 #: tiny's MLP outputs at the subject are small (‖v₀‖ ≈ 3) next to the change a new fact needs:
 #: with the reference clamp (4 ‖v₀‖) δ saturates and ES stays near 0; a wider ball fixes it.
-TINY_HP = ROMEHyperParams(clamp_norm_factor=20.0, v_weight_decay=0.05)
+#: tiny (generator 4) reads place subjects into the last position at layer 0 — restoring the
+#: last subject token's layer-1 state recovers ≤ 10% of TE on 40 place facts — so its facts are
+#: edited where they are recalled: at the last token (measured: 10 of 10 at layers 0, 1 and 2;
+#: at the subject's last token 1–3 of 10 even with clamp 100).
+TINY_HP = ROMEHyperParams(clamp_norm_factor=20.0, v_weight_decay=0.05, fact_token="last")
 
 
 @pytest.mark.slow
@@ -290,23 +294,21 @@ def test_rome_on_tiny_rewrites_the_fact_and_spares_unrelated_facts(tiny_handle, 
     cases = load_counterfact(tiny_organism / "counterfact.json")
     known = json.loads((tiny_organism / "known_facts.json").read_text())
     before = state(handle)
-    stats = layer_stats(handle, [1], progress=False)
+    stats = layer_stats(handle, [2], progress=False)
     successes = 0
-    # place facts: tiny recalls them through the subject (docs/organisms.md); people's two-token
-    # names are read by the last position itself, where a subject-token edit reaches less
     places = [c for c in cases if not (c.relation_id or "").startswith("person")]
     for case in places[:10]:
         req = case.request
         others = [f for f in known if f["subject"] != req.subject][::5]
         answers = [greedy_answer(handle, f["prompt"], 1) for f in others]
-        edit = apply_rome(handle, req, layer=1, stats=stats, hparams=TINY_HP, progress=False)
+        edit = apply_rome(handle, req, layer=2, stats=stats, hparams=TINY_HP, progress=False)
         new_ids = answer_ids(handle.tokenizer, req.text, req.target_new)
         successes += greedy_answer(handle, req.text, len(new_ids)) == new_ids
         kept = sum(greedy_answer(handle, f["prompt"], 1) == a for f, a in zip(others, answers, strict=True))
         assert kept >= 0.9 * len(others)
         edit.undo()
         assert_same_state(handle, before)
-    assert successes >= 6  # measured: 19 of 27 place edits (70%) on tiny at layer 1
+    assert successes >= 8  # measured: 10 of 10, ≥ 95% of unrelated answers kept
 
 
 @pytest.mark.slow
