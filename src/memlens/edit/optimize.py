@@ -20,6 +20,11 @@ read before each update, as in the reference ``compute_z``). Facts are independe
 only its own rows, so ∂(Σ_k L_k)/∂δ_i = ∂L_i/∂δ_i, and Adam works per coordinate; one batched run
 therefore gives the δ_i that one-at-a-time runs give (up to float rounding). A fact that stops is
 frozen and its rows leave the batch.
+
+Nothing below the edited point and nothing before the fact token depends on δ, so by default
+each step runs only the blocks from the point up over the tokens from the fact token on
+(:class:`_SuffixPasses`; the rest is computed once and cached); ``suffix_only=False`` runs the
+whole model each step, as the reference does (:class:`_FullPasses`).
 """
 
 from __future__ import annotations
@@ -347,7 +352,7 @@ class _SuffixPasses:
         self.attention = mask.to(device)
         self.positions = (mask.cumsum(1) - 1).clamp(min=0).to(device)
         self.suffix = ids[:, P:].to(device)
-        self.skipped = _blocks_below(handle, point)
+        self.skipped = _blocks_below(point)
         points = [f"blocks.{self.skipped - 1}.hook_resid_post"] if self.skipped else []
         structure: list[int] = []
         probe = handle.arch.blocks(model)[0].register_forward_hook(
@@ -428,7 +433,7 @@ def _returning(stored: torch.Tensor, tuple_len: int):
     return forward
 
 
-def _blocks_below(handle: Any, point: str) -> int:
+def _blocks_below(point: str) -> int:
     """How many blocks δ at ``point`` cannot change: those below its block, and the block too
     when the point is the block's output (``blocks.L.hook_resid_post``)."""
     match = re.match(r"^blocks\.(\d+)\.(\w+)", point)
