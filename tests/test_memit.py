@@ -362,10 +362,10 @@ def test_cli_edit_memit_ft_l_and_bench_edits(random_model_dirs, corpus, tmp_path
 
 @pytest.mark.slow
 def test_memit_on_tiny_edits_many_facts_and_spares_unrelated_ones(tiny_handle, tiny_organism):
-    """20 CounterFact edits in one batch. The tiny organism recalls largely through a
-    last-position shortcut, so z at the subject's last token reaches only P(new) ≈ 0.4 and
-    λ must be small; measured there: ES 0.85 (17/20), 29/40 unrelated answers kept
-    (see docs/memit.md). The thresholds leave a little room below those numbers."""
+    """20 CounterFact edits in one batch. The generator-4 tiny reads its subjects into the last
+    position at layer 0 (see the ROME test), so MEMIT edits there: fact token "last", layers
+    1–2. Measured on the two tiny builds seen (CLI- and pytest-built corpora differ): ES 0 → 1.0,
+    28/40 and 25/40 unrelated answers kept; at the subject's last token ES reached only 0.45–0.6."""
     from memlens.edit.scaling import valid_cases
     from memlens.evaluate.counterfact import case_metrics, load_counterfact, summarize
 
@@ -378,15 +378,15 @@ def test_memit_on_tiny_edits_many_facts_and_spares_unrelated_ones(tiny_handle, t
     before = state(handle)
     pre = summarize([case_metrics(handle, c, generation=None) for c in cases])
     hp = MEMITHyperParams.for_model(handle, mom2_update_weight=300.0, clamp_norm_factor=4.0,
-                                    context_templates=())
-    edit = apply_memit(handle, [c.request for c in cases], layers=[0, 1], hparams=hp,
+                                    context_templates=(), fact_token="last")
+    edit = apply_memit(handle, [c.request for c in cases], layers=[1, 2], hparams=hp,
                        progress=False)
     post = summarize([case_metrics(handle, c, generation=None) for c in cases])
     kept = sum(greedy_answer(handle, f["prompt"], 1) == a for f, a in zip(known, answers,
                                                                           strict=True))
     edit.undo()
     assert_same_state(handle, before)
-    assert post["ES"] >= pre["ES"] + 0.6
+    assert post["ES"] >= 0.9 > pre["ES"]  # ≥ 18 of 20 edits made
     assert kept >= 0.6 * len(known)
 
 
