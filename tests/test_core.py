@@ -212,3 +212,20 @@ def test_cli_error_is_one_line(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "not a model directory" in proc.stderr
+
+
+def test_forwards_replaced_restores_class_and_instance_forwards_also_after_an_error():
+    from torch import nn
+
+    from memlens import hooks
+
+    plain, patched = nn.Linear(2, 2), nn.Linear(2, 2)
+    own = patched.forward  # an instance-level forward, as accelerate installs
+    patched.forward = own
+    x = torch.ones(1, 2)
+    with pytest.raises(RuntimeError):
+        with hooks.forwards_replaced([(plain, lambda t: t * 0), (patched, lambda t: t * 0)]):
+            assert plain(x).abs().sum() == 0 and patched(x).abs().sum() == 0
+            raise RuntimeError("inside")
+    assert "forward" not in plain.__dict__ and patched.__dict__["forward"] is own
+    torch.testing.assert_close(plain(x), nn.functional.linear(x, plain.weight, plain.bias))

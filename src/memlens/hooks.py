@@ -151,3 +151,22 @@ def replace(
 
     with hooked(model, {point: overwrite}):
         yield
+
+
+@contextmanager
+def forwards_replaced(replacements: Sequence[tuple[nn.Module, Callable[..., object]]]
+                      ) -> Iterator[None]:
+    """Inside the ``with`` block each module runs its replacement instead of ``forward`` (its
+    hooks still fire); on exit, also after an error, an instance-level forward the module had
+    (e.g. accelerate's device hooks) is put back, else the class's forward is used again."""
+    saved = [(module, module.__dict__.get("forward")) for module, _ in replacements]
+    try:
+        for module, forward in replacements:
+            module.forward = forward
+        yield
+    finally:
+        for module, own_forward in saved:
+            if own_forward is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = own_forward

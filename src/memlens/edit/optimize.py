@@ -409,18 +409,8 @@ class _SuffixPasses:
             return
         blocks = self.handle.arch.blocks(self.handle.model)
         forward = _returning(self.entry[rows.to(self.entry.device)], self.tuple_len)
-        patched = []
-        try:
-            for j in range(self.skipped):
-                patched.append((blocks[j], blocks[j].__dict__.get("forward")))
-                blocks[j].forward = forward
+        with hooks.forwards_replaced([(blocks[j], forward) for j in range(self.skipped)]):
             yield
-        finally:
-            for block, own_forward in patched:
-                if own_forward is None:
-                    del block.forward
-                else:
-                    block.forward = own_forward
 
 
 def _returning(stored: torch.Tensor, tuple_len: int):

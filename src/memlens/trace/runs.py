@@ -318,26 +318,18 @@ def _skip_unchanged_blocks(handle: ModelHandle, runs: _Runs, token: int,
     """
     blocks = handle.arch.blocks(handle.model)
     batch = int(sample_of_row.shape[0])
-    patched = []
-    try:
-        for j, block in enumerate(blocks):
-            rows = computed[j].to(handle.device)
-            if len(rows) == batch:
-                continue
-            if past is not None and len(rows):
-                past.layers[j].reorder_cache(rows)
-            corrupted = runs.corrupted[("hidden", j)][sample_of_row, token:]
-            # an instance-level forward (e.g. accelerate's device hooks) is kept and restored
-            patched.append((block, block.__dict__.get("forward")))
-            block.forward = _row_subset_forward(block.forward, rows, corrupted,
-                                                runs.block_tuple_len)
+    replacements = []
+    for j, block in enumerate(blocks):
+        rows = computed[j].to(handle.device)
+        if len(rows) == batch:
+            continue
+        if past is not None and len(rows):
+            past.layers[j].reorder_cache(rows)
+        corrupted = runs.corrupted[("hidden", j)][sample_of_row, token:]
+        replacements.append((block, _row_subset_forward(block.forward, rows, corrupted,
+                                                        runs.block_tuple_len)))
+    with hooks.forwards_replaced(replacements):
         yield
-    finally:
-        for block, own_forward in patched:
-            if own_forward is None:
-                del block.forward
-            else:
-                block.forward = own_forward
 
 
 def _row_subset_forward(forward, rows: torch.Tensor, corrupted: torch.Tensor, tuple_len: int):
