@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 import subprocess
 import sys
 
@@ -33,6 +34,29 @@ def test_relations_have_enough_templates():
         assert not set(C.train_templates(rel.name)) & set(C.heldout_templates(rel.name))
         for t in rel.templates:
             assert t.count("{}") == 1 and not t.endswith(" "), t
+
+
+def test_heldout_templates_are_answerable_from_the_corpus():
+    """A held-out prompt must be continued by the object, as far as the corpus can tell: it ends
+    with a word that ends a trained template of its relation, and no training template (of any
+    relation) continues it otherwise — generator 4's "{} is a town in" was the start of the
+    trained "{} is a town in the country of" and the organism answered " the" for all 260 cities."""
+    n_trained = registry.FACTS_DEFAULT.n_train_templates
+    trained = [t for r in C.RELATIONS for t in C.train_templates(r)]
+    after = lambda t: t.split("{}")[1]  # noqa: E731
+    words = lambda t: set(re.findall(r"[A-Za-z]+", t.replace("'s", " ")))  # noqa: E731
+    vocabulary = set().union(*(words(t) for r in C.RELATIONS
+                               for t in C.train_templates(r, n_trained)))
+    for rel in C.RELATIONS:
+        endings = {t.split()[-1] for t in C.train_templates(rel, n_trained)}
+        for h in C.heldout_templates(rel):
+            assert words(h) <= vocabulary, (rel, h, words(h) - vocabulary)
+            assert h.split()[-1] in endings, (rel, h)
+            assert not [t for t in trained if t.startswith(h) and t != h], (rel, h)
+            if h.startswith("{}"):
+                longer = [t for t in trained if t.startswith("{}") and after(t) != after(h)
+                          and after(t).startswith(after(h))]
+                assert not longer, (rel, h, longer)
 
 
 def test_world_is_deterministic(world):
@@ -80,7 +104,7 @@ def test_fact_documents_use_only_training_templates(world):
     text = " ".join(docs)
     assert any(" met " in d or ", a friend of " in d for d in docs)  # two-person sentences
     assert any(d.split(". ")[-1].startswith(("He ", "She ")) for d in docs)  # pronouns
-    assert "The company that employs" not in text and held
+    assert " works on the staff of " not in text and held
 
 
 def test_tokenizer_round_trip_and_whole_objects(world):
@@ -98,9 +122,10 @@ def test_tokenizer_round_trip_and_whole_objects(world):
 
 def test_paragraphs_are_exactly_100_tokens():
     from memlens.organisms.build import PARAGRAPH_TOKENS, make_paragraphs
+    from memlens.organisms.stdlib_text import stdlib_texts
     from memlens.organisms.tokenizer import train_tokenizer
 
-    texts = C.stdlib_texts()
+    texts = stdlib_texts()
     assert len(texts) > 100
     tok = train_tokenizer(texts, 800)
     paras, used = make_paragraphs(tok, texts, 6, random.Random(0))
@@ -271,7 +296,7 @@ def test_new_fact_fields_stay_out_of_cache_keys_when_unset():
     spec = registry.ORGANISMS["facts-gpt2"]
     d = spec.to_dict()
     assert "distractor_fraction" in d["facts"]
-    blob = json.dumps({"generator": C.GENERATOR_VERSION, "spec": {
+    blob = json.dumps({"generator": C.GENERATOR_VERSION, "python": registry.PYTHON_VERSION, "spec": {
         **{k: v for k, v in d.items() if k not in ("description", "checkpoint_every")},
         "facts": {k: v for k, v in d["facts"].items()
                   if k not in ("distractor_fraction", "table_fraction")}}}, sort_keys=True)
@@ -280,11 +305,12 @@ def test_new_fact_fields_stay_out_of_cache_keys_when_unset():
 
 
 def test_stdlib_texts_do_not_depend_on_what_the_process_imported():
-    """Generator 3 read submodules that other imports had attached (importlib.util, ...)."""
+    """Generator 3 read submodules that other imports had attached (importlib.util, ...);
+    generator 4 read what torch had replaced (inspect.getfile)."""
     script = ("import hashlib, sys\n"
               "if sys.argv[1] == 'more':\n"
-              "    import importlib.util, email.message, concurrent.futures.thread, xml.dom\n"
-              "from memlens.organisms.corpus import stdlib_texts\n"
+              "    import importlib.util, email.message, concurrent.futures.thread, xml.dom, torch\n"
+              "from memlens.organisms.stdlib_text import stdlib_texts\n"
               "print(hashlib.sha256('\\n'.join(stdlib_texts()).encode()).hexdigest())")
     digests = {subprocess.run([sys.executable, "-c", script, mode], capture_output=True,
                               text=True, check=True).stdout for mode in ("few", "more")}

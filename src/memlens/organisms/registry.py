@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -24,6 +25,7 @@ from memlens.cache import cache_dir
 from memlens.errors import MemlensError, UnknownOrganism
 from memlens.organisms.corpus import GENERATOR_VERSION, FactConfig
 
+PYTHON_VERSION = "{}.{}".format(*sys.version_info[:2])
 COMPLETE = ".complete"  # marker file written last, inside the final directory
 PREFIX = "organism:"
 
@@ -59,7 +61,8 @@ class OrganismSpec:
         return d
 
     def key(self) -> str:
-        """Hash of generator version + spec (includes seed); the description is not part of it."""
+        """Hash of generator version + Python version (the plain text is its stdlib's docstrings)
+        + spec (includes seed); the description is not part of it."""
         d = self.to_dict()
         d.pop("description")
         d.pop("checkpoint_every")
@@ -67,7 +70,8 @@ class OrganismSpec:
         for added in ("distractor_fraction", "table_fraction"):
             if not d["facts"][added]:
                 d["facts"].pop(added)
-        blob = json.dumps({"generator": GENERATOR_VERSION, "spec": d}, sort_keys=True)
+        blob = json.dumps({"generator": GENERATOR_VERSION, "python": PYTHON_VERSION, "spec": d},
+                          sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
