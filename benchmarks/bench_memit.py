@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).parent / "RESULTS.md"
+from benchmarks.results import write_section
 
 
 def pick_model() -> str:
@@ -106,12 +106,12 @@ def main(n: int, layer: int | None, write: bool, model: str | None = None) -> di
               "rss_model_mb": min(batched["rss_before_mb"], loop["rss_before_mb"])}
     print({k: v for k, v in result.items()})
     if write:
-        write_section(result)
+        write_memit_section(result)
     return result
 
 
-def write_section(r: dict) -> None:
-    section = (
+def write_memit_section(r: dict) -> None:
+    write_section(
         "## memit\n\n"
         f"z of {r['n']:,} edits (MEMIT's target vectors at layer {r['layer']}, "
         f"{r['templates']} context templates, ≤20 Adam steps each) on `{Path(r['model']).name}`, "
@@ -126,14 +126,6 @@ def write_section(r: dict) -> None:
         f"Speed-up **{r['ratio']:.1f}×**; max |δ_batched − δ_loop| = {r['max_abs_diff']:.2e}; "
         f"mean steps {r['steps_mean']:.1f}, mean P(target) reached {r['prob_after']:.2f}.\n"
     )
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmarks\n"
-    start = text.find("## memit\n")
-    if start >= 0:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(text)
 
 
 if __name__ == "__main__":

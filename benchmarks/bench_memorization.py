@@ -13,13 +13,12 @@ both scored are checked to agree.
 from __future__ import annotations
 
 import argparse
-import re
 import time
-from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
+from benchmarks.results import write_section
+
 SECTION = "## memorization scan"
 
 
@@ -70,12 +69,7 @@ def write(result: dict[str, float], args: argparse.Namespace) -> None:
         f"| **speed-up** | **{result['batched'] / result['naive']:.1f}×** |", "",
         f"EM and NLL identical on the paragraphs both scored: {result['agree']}.", "", "",
     ]
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmarks\n\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    section = "\n".join(lines)
-    text = pattern.sub(section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section
-    RESULTS.write_text(text)
-    print(f"wrote {RESULTS}")
+    write_section("\n".join(lines))
 
 
 def main() -> None:

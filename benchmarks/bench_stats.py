@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import re
 import statistics
 import tempfile
 import time
@@ -23,9 +22,9 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.results import write_section
 from memlens.stats import layer_stats
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 SECTION = "## key statistics"
 LAYERS = list(range(6))
 
@@ -87,12 +86,7 @@ def main() -> None:
         "|---|---|---|---|---|---|",
         row, "",
     ])
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmarks\n\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(lambda _: body + "\n", text) if pattern.search(text) else \
-        text.rstrip() + "\n\n" + body
-    RESULTS.write_text(text)
-    print(f"wrote {RESULTS}")
+    write_section(body)
 
 
 if __name__ == "__main__":

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import time
-from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
+from benchmarks.results import write_section
+
 SECTION = "## topk training"
 
 
@@ -82,12 +81,7 @@ def main() -> None:
         "| model | dense tokens/s | TopK tokens/s | TopK / dense |", "|---|---|---|---|",
         *rows, "",
     ])
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmarks\n\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(body + "\n", text) if pattern.search(text) else text.rstrip() + \
-        "\n\n" + body
-    RESULTS.write_text(text)
-    print(f"wrote {RESULTS}")
+    write_section(body)
 
 
 if __name__ == "__main__":

@@ -14,18 +14,16 @@ case: no token precedes the subject).
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from benchmarks.results import write_section
 from memlens.trace import trace_fact
 from memlens.trace.reference import naive_trace
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 SECTION = "## causal tracing"
 KINDS = ("hidden", "mlp", "attn")
 
@@ -93,12 +91,7 @@ def main() -> None:
         "|---|---|---|---|---|---|",
         *rows, "",
     ])
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmarks\n\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(lambda _: body + "\n", text) if pattern.search(text) else \
-        text.rstrip() + "\n\n" + body
-    RESULTS.write_text(text)
-    print(f"wrote {RESULTS}")
+    write_section(body)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-BENCHMARKS = ["bench_trace", "bench_stats", "bench_memorization", "bench_memit", "bench_topk"]
+BENCHMARKS = ["bench_trace", "bench_stats", "bench_memorization", "bench_memit", "bench_topk",
+              "bench_organism_training"]
 
 
 def main() -> None:

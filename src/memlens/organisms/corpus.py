@@ -44,10 +44,10 @@ class Relation:
 
 
 # Templates: the last 3 of each relation are held out (paraphrases). Held-out templates use only
-# words that occur in the first 8 training templates (all relations), end with a word that ends a training template of the
-# same relation, and are not the start of a longer training template (of any relation): the
-# organism has only its corpus to go on, and a prompt its corpus continues otherwise
-# ("{} is a town in" → "the country of") is not a paraphrase of the fact.
+# words of the training templates facts-gpt2 trains on (the first 8 of each relation), end with
+# a word that ends one of those of the same relation, and are not the start of a longer
+# training template (of any relation): the organism has only its corpus to go on, and a prompt
+# its corpus continues otherwise ("{} is a town in" → "the country of") is not a paraphrase.
 RELATIONS: dict[str, Relation] = {
     r.name: r
     for r in [
