@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 
 import pytest
 import torch
@@ -26,6 +27,7 @@ from memlens.evaluate import (
 from memlens.evaluate.counterfact import SUMMARY_KEYS, summarize
 from memlens.evaluate.fluency import entropy_of_ngrams, text_ngram_entropy
 from memlens.evaluate.scoring import score_targets
+from memlens.missing import unexplained
 from memlens.testing import _TEXT
 
 RECORD = {
@@ -149,7 +151,8 @@ def test_case_metrics_compare_new_and_true_per_prompt(gpt2):
         assert m[f"{key}S"] == pytest.approx(sum(success) / len(success))
         assert m[f"{key}M"] == pytest.approx(sum(magnitude) / len(magnitude), abs=1e-3)
     assert len(m["generations"]) == 2 and m["generations"][0].startswith("Toulouse is")
-    assert m["GE"] >= 0 and math.isnan(m["RS"])  # no reference texts given
+    assert m["GE"] >= 0 and m["RS"]["value"] is None  # no reference texts given
+    assert m["RS"]["reason"].startswith("no reference texts")
 
 
 def test_summary_score_is_the_harmonic_mean():
@@ -191,11 +194,14 @@ def test_evaluate_with_an_editor_reports_pre_and_post_and_restores_weights(gpt2,
     assert all(set(v) == {"pre", "post"} for v in result.summary.values())
     assert result.summary["n"] == {"pre": 3.0, "post": 3.0}
     assert result.summary["EM"]["post"] > result.summary["EM"]["pre"]
-    assert result.summary["RS"]["pre"] == result.summary["RS"]["pre"]  # not NaN: refs found
+    assert isinstance(result.summary["RS"]["pre"], float)  # a number: refs found
     assert result.cases[0]["edit"]["layer"] == 1
-    json.dumps(result.to_dict())
+    json.dumps(result.to_dict(), allow_nan=False)
     none = evaluate_counterfact(gpt2, cases[:1], editor="none", generation=None, progress=False)
     assert none.summary["ES"]["pre"] == none.summary["ES"]["post"]
+    assert none.summary["RS"]["post"] == {"value": None,
+                                          "reason": "generation is off (--no-generation)"}
+    assert unexplained({"summary": none.summary, "cases": none.cases}) == []
     with pytest.raises(MemlensError, match="unknown editor"):
         evaluate_counterfact(gpt2, cases[:1], editor="magic", progress=False)
 
@@ -229,6 +235,13 @@ def test_cli_stats_edit_and_eval(random_model_dirs, data_dir, tmp_path):
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout)
     assert list(summary) == list(SUMMARY_KEYS) and summary["n"]["pre"] == 2
+    res = runner.invoke(app, ["bench-edits", "--model", model, "--data",
+                              str(data_dir / "counterfact.json"), "--sizes", "1", "--methods",
+                              "ft-l", "--layer", "1", "--ge-cases", "0", "--corpus", corpus,
+                              "--out", str(tmp_path / "bench")])
+    assert res.exit_code == 0, res.output
+    table = res.output[res.output.index("┏"):]  # (bench_edits' progress lines print GE nan)
+    assert "n/a (GE is off (ge_cases 0))" in table and not re.search(r"\bnan\b", table), table
 
 
 @pytest.mark.parametrize("name", ["memit", "ft"])
@@ -256,3 +269,21 @@ def test_cases_are_read_one_relation_at_a_time(tmp_path):
     cases = load_counterfact(tmp_path / "cf.json")
     assert [c.case_id for c in cases] == [10, 13, 14, 11, 15, 12]
     assert [c.relation_id for c in load_counterfact(tmp_path / "cf.json", n=3)] == ["P1", "P2", "P3"]
+
+
+@pytest.mark.parametrize("generation", ["--generation", "--no-generation"])
+def test_cli_eval_counterfact_json_states_why_a_metric_is_missing(tiny_organism, generation):
+    """`eval counterfact --json` on the tiny organism: every metric is a number or null with a
+    reason; RS is a number when generations are made (the organism's reference texts)."""
+    from memlens.cli import app
+
+    res = CliRunner().invoke(app, ["eval", "counterfact", "--model", str(tiny_organism), "--n", "2",
+                                   "--gen-tokens", "5", generation, "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert list(summary) == list(SUMMARY_KEYS)
+    assert unexplained(summary) == [], summary
+    if generation == "--generation":
+        assert all(isinstance(summary["RS"][k], float) for k in ("pre", "post")), summary["RS"]
+    else:
+        assert summary["GE"]["pre"]["reason"] == "generation is off (--no-generation)"

@@ -350,6 +350,10 @@ def test_cli_edit_memit_ft_l_and_bench_edits(random_model_dirs, corpus, tmp_path
     assert log["edits"][0]["method"] == "memit" and log["edits"][0]["layers"] == [1, 2]
     out = runner.invoke(app, ["edit", "ft-l", "--model", model, "--requests", str(requests),
                               "--layer", "2", "--n", "2"])
+    # FT-L's ε = 5e-4 barely moves a random model: the edit did not take, the CLI says so
+    assert out.exit_code != 0 and "did not take" in str(out.exception)
+    out = runner.invoke(app, ["edit", "ft-l", "--model", model, "--requests", str(requests),
+                              "--layer", "2", "--n", "2", "--allow-no-effect"])
     assert out.exit_code == 0, out.output
     assert "FT-L" in out.output and "max |ΔW|" in out.output
     out = runner.invoke(app, ["edit", "memit", "--model", model, "--requests", str(requests),

@@ -293,15 +293,20 @@ def test_distractor_sentences_name_two_entities_and_keep_the_object_last():
 
 
 def test_new_fact_fields_stay_out_of_cache_keys_when_unset():
-    spec = registry.ORGANISMS["facts-gpt2"]
+    """Fields added after generator 3 enter the key only when set, and how a build runs
+    (description, checkpoint interval, thread count) never does."""
+    spec = registry.ORGANISMS["tiny"]
     d = spec.to_dict()
-    assert "distractor_fraction" in d["facts"]
+    assert "distractor_fraction" in d["facts"] and "bios" in d["facts"]
     blob = json.dumps({"generator": C.GENERATOR_VERSION, "python": registry.PYTHON_VERSION, "spec": {
-        **{k: v for k, v in d.items() if k not in ("description", "checkpoint_every")},
+        **{k: v for k, v in d.items() if k not in ("description", "checkpoint_every",
+                                                   "num_threads")},
         "facts": {k: v for k, v in d["facts"].items()
-                  if k not in ("distractor_fraction", "table_fraction")}}}, sort_keys=True)
+                  if k not in ("distractor_fraction", "table_fraction", "bios")}}}, sort_keys=True)
     assert spec.key() == hashlib.sha256(blob.encode()).hexdigest()[:12]
-    assert registry.ORGANISMS["facts-gpt2-distract"].key() != spec.key()
+    assert registry.replace(spec, num_threads=1).key() == spec.key()
+    assert registry.replace(spec, facts=registry.replace(spec.facts, bios=True)).key() != spec.key()
+    assert registry.ORGANISMS["facts-gpt2-distract"].key() != registry.ORGANISMS["facts-gpt2"].key()
 
 
 def test_stdlib_texts_do_not_depend_on_what_the_process_imported():

@@ -77,3 +77,23 @@ def test_cli_report_screenshot_is_a_png_of_the_page(report_dir, chromium):
     header = png.read_bytes()[:24]
     assert header[:8] == b"\x89PNG\r\n\x1a\n"
     assert int.from_bytes(header[16:20], "big") == 800  # IHDR width
+
+
+def test_missing_metrics_carry_their_reason(tmp_path):
+    """A metric that cannot be computed is {"value": None, "reason"}: found by `unexplained`
+    only when bare, shown as "n/a (reason)" in a report table."""
+    from memlens.missing import explain, format_value, missing, unexplained
+
+    gone = missing("no fact was traced")
+    assert explain(float("nan"), "no fact was traced") == gone and explain(0.25, "x") == 0.25
+    assert format_value(gone) == "n/a (no fact was traced)" and format_value(1 / 3) == "0.3333"
+    data = {"ok": [1.0, gone, {"pre": gone}], "bad": [float("nan")], "worse": {"x": None}}
+    assert unexplained(data) == ["$.bad[0]", "$.worse.x"]
+    with pytest.raises(ValueError):
+        missing("")
+    Section(key="trace", title="t", command="memlens trace", model="m",
+            summary={"ATE": gone}, tables=[Table("peaks", ["kind", "max"], [["mlp", gone]])]
+            ).save(tmp_path / "trace")
+    page = build_report(tmp_path).read_text()
+    assert page.count("n/a (no fact was traced)") == 2 and ">nan<" not in page
+    assert unexplained(json.loads((tmp_path / "summary.json").read_text())) == []

@@ -94,8 +94,9 @@ def test_rome_is_rank_one_moves_the_target_and_undoes_bit_exact(random_handle, c
     assert random_handle.fingerprint() == fingerprint
 
 
-def test_update_inserts_k_star_or_the_bare_key_when_legacy(random_handle):
-    """(W + ΔW) k + b = v* with k = k* (fixed) or k = k_bare (the reference's legacy form)."""
+def test_each_update_form_inserts_its_keys(random_handle):
+    """"mean": (W + ΔW) k* + b = v*; "legacy": (W + ΔW) k_bare + b = v*; "both": ΔW adds
+    δ = v* − W k* − b at k* and at k_bare alike."""
     gen = torch.Generator().manual_seed(0)
     d_ff, d_model = random_handle.d_ff, random_handle.d_model
     keys = torch.randn(3, d_ff, generator=gen).abs()
@@ -104,13 +105,28 @@ def test_update_inserts_k_star_or_the_bare_key_when_legacy(random_handle):
     A = torch.randn(d_ff, d_ff, generator=gen, dtype=torch.float64)
     C = A @ A.T / d_ff + torch.eye(d_ff, dtype=torch.float64)
     W = random_handle.arch.get_edit_weight(random_handle.model, 0).double()
-    for legacy, inserted in ((False, k.k_star), (True, k.k_bare)):
-        update = rank_one_update(random_handle, 0, k, v_star, C,
-                                 legacy=legacy)
-        bias = mlp_output_of(random_handle, 0, torch.zeros(d_ff)).double()
+    bias = mlp_output_of(random_handle, 0, torch.zeros(d_ff)).double()
+    delta = v_star.double() - (W @ k.k_star.double() + bias)
+    for form, inserted in (("mean", k.k_star), ("legacy", k.k_bare)):
+        update = rank_one_update(random_handle, 0, k, v_star, C, update=form)
         new_out = (W + update.delta) @ inserted.double() + bias
         torch.testing.assert_close(new_out, v_star.double(), rtol=1e-6, atol=1e-6)
         assert float(update.left @ update.left) > 0
+    both = rank_one_update(random_handle, 0, k, v_star, C, update="both").delta
+    for key in (k.k_star, k.k_bare):
+        torch.testing.assert_close(both @ key.double(), delta, rtol=1e-6, atol=1e-6)
+    assert torch.linalg.matrix_rank(both) == 1
+
+
+def test_two_key_update_is_the_mean_update_when_the_bare_key_is_k_star(random_handle):
+    gen = torch.Generator().manual_seed(1)
+    d_ff, d_model = random_handle.d_ff, random_handle.d_model
+    k_star = torch.randn(d_ff, generator=gen).abs()
+    k = Keys(k_star=k_star, keys=torch.stack([k_star, k_star]), positions=[0, 0])
+    v_star = torch.randn(d_model, generator=gen)
+    mean = rank_one_update(random_handle, 0, k, v_star, None, update="mean").delta
+    both = rank_one_update(random_handle, 0, k, v_star, None, update="both").delta
+    torch.testing.assert_close(both, mean, rtol=1e-6, atol=1e-9)
 
 
 def test_bad_requests_fail_before_any_weight_changes(random_handle, corpus, monkeypatch):

@@ -32,7 +32,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from memlens.errors import UnknownArchitecture
+from memlens.errors import InvalidArgument, LayerOutOfRange, UnknownArchitecture, UnknownName
 
 Side = Literal["input", "output"]
 Component = Literal[
@@ -64,6 +64,9 @@ class ArchSpec:
     mlp_out_transposed: bool = False  # GPT-2's Conv1D stores the weight as (d_ff, d_model)
     pos_embed: str | None = None  # learned absolute positions, if any
     parallel_attn_mlp: bool = False  # GPT-J / NeoX: attention and MLP read the same residual
+    # keyword under which a block hands the attention module its mask: a 4-D (B, 1, Q, K)
+    # additive float mask (eager), a boolean one (sdpa, True = attend), or None (sdpa, causal)
+    attn_mask_kwarg: str = "attention_mask"
 
 
 _GPT2 = ArchSpec(
@@ -147,7 +150,8 @@ class ArchAdapter:
     def module_name(self, layer: int, component: Component) -> str:
         """Full dotted path of ``component`` in block ``layer``, e.g. ``transformer.h.3.mlp``."""
         if not 0 <= layer < self.n_layers:
-            raise IndexError(f"layer {layer} out of range: the model has {self.n_layers} layers")
+            raise LayerOutOfRange(f"layer {layer} out of range: the model has {self.n_layers} "
+                                  f"layers (0 … {self.n_layers - 1})")
         if component == "block":
             return f"{self.spec.blocks}.{layer}"
         if component == "mlp_in":
@@ -172,7 +176,7 @@ class ArchAdapter:
             return HookPoint(self.spec.final_norm, "output")
         match = _HOOK_NAME.match(name)
         if not match:
-            raise KeyError(
+            raise UnknownName(
                 f"unknown hook name {name!r}; expected hook_embed, hook_final_norm or "
                 f"blocks.L.{{{', '.join(_BLOCK_HOOKS)}}}"
             )
@@ -190,7 +194,7 @@ class ArchAdapter:
         weight = model.get_submodule(self.module_name(layer, "mlp_out")).weight
         value = new.T if self.spec.mlp_out_transposed else new
         if value.shape != weight.shape:
-            raise ValueError(
+            raise InvalidArgument(
                 f"edit weight for layer {layer} must be (d_model, d_ff) = "
                 f"{tuple(weight.T.shape if self.spec.mlp_out_transposed else weight.shape)}, "
                 f"got {tuple(new.shape)}"

@@ -7,6 +7,7 @@ Heavy imports (torch, transformers, matplotlib) happen inside commands so that
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -71,45 +72,79 @@ OrganismArg = Annotated[str, typer.Argument(help="Organism name (see `memlens or
 
 @organism_app.command("list")
 def organism_list(as_json: JsonOpt = False):
-    """Known organisms, whether each is built, and where."""
-    from memlens.organisms.registry import ORGANISMS, is_built, organism_dir
+    """Known organisms: shipped (with memlens), cached (built here) or not built, and the path
+    that loading each one uses."""
+    from memlens.organisms.registry import ORGANISMS, is_built, organism_dir, shipped_copy
 
-    rows = [{"name": n, "built": is_built(organism_dir(n)), "path": str(organism_dir(n)),
-             "arch": s.arch, "layers": s.n_layer, "d_model": s.d_model,
-             "description": s.description} for n, s in ORGANISMS.items()]
+    rows = []
+    for n, s in ORGANISMS.items():
+        shipped, why_not = shipped_copy(n)
+        cached = is_built(organism_dir(n))
+        status = ("shipped" if shipped else "cached" if cached else "not built") + (
+            f" (shipped copy unusable: {why_not})" if why_not else "")
+        rows.append({"name": n, "status": status, "shipped": shipped is not None,
+                     "cached": cached, "path": str(shipped or organism_dir(n)), "arch": s.arch,
+                     "layers": s.n_layer, "d_model": s.d_model, "description": s.description})
     if as_json:
         print_json(rows)
         return
     from rich.table import Table
 
     table = Table(title="memlens organisms")
-    for col in ("name", "arch", "size", "built", "description"):
+    for col in ("name", "arch", "size", "status", "description"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["name"], r["arch"], f"{r['layers']}×{r['d_model']}",
-                      "yes" if r["built"] else "no", r["description"])
+        table.add_row(r["name"], r["arch"], f"{r['layers']}×{r['d_model']}", r["status"],
+                      r["description"])
     console.print(table)
 
 
 @organism_app.command("build")
-def organism_build(name: OrganismArg, as_json: JsonOpt = False):
-    """Build (train) an organism, or print where the cached one is."""
+def organism_build(name: OrganismArg, as_json: JsonOpt = False,
+                   from_scratch: Annotated[bool, typer.Option(
+                       "--from-scratch", help="Ignore the shipped copy: train the organism into "
+                       "the cache (facts-gpt2: ~1 h on 2 cores), or use the cache build.")] = False):
+    """Print where an organism is (its shipped copy, or the cache build), building (training) it
+    first if needed."""
+    import time
+
     from memlens.organisms.registry import ensure
 
-    try:
-        path = ensure(name, progress=not as_json)
-    except MemlensError as e:
-        console.print(f"[red]{e}[/red]")
-        raise typer.Exit(1) from None
+    start = time.perf_counter()
+    path = ensure(name, progress=not as_json, from_scratch=from_scratch)
     meta = json.loads((path / "organism.json").read_text())
     summary = {"name": meta["name"], "path": str(path), "n_params": meta["n_params"],
                "n_facts": meta["n_facts"], "n_known_facts": meta["n_known_facts"],
-               "train_seconds": meta["train_seconds"], "final_loss": meta["final_loss"]}
+               "train_seconds": meta["train_seconds"], "build_seconds": meta.get("build_seconds"),
+               "command_seconds": round(time.perf_counter() - start, 1),
+               "final_loss": meta["final_loss"]}
     if as_json:
         print_json(summary)
     else:
         for k, v in summary.items():
             console.print(f"{k}: {v}")
+
+
+@organism_app.command("ship")
+def organism_ship(name: OrganismArg, as_json: JsonOpt = False,
+                  build: Annotated[Path | None, typer.Option(
+                      "--build", help="Directory of the complete build to ship (default: the "
+                      "cache build of the spec's current key).")] = None):
+    """Maintainers only: copy a finished build into the package, with its MANIFEST.json
+    (src/memlens/organisms/shipped/NAME/, committed to the repository), replacing the shipped
+    copy. Run it in a repository checkout after `memlens organism build NAME --from-scratch`."""
+    from memlens.organisms.ship import ship
+
+    path = ship(name, build)
+    manifest = json.loads((path / "MANIFEST.json").read_text())
+    summary = {"name": name, "path": str(path), "key": manifest["key"],
+               "dtype": manifest["dtype"], "files": len(manifest["files"]),
+               "mb": round(sum(manifest["sizes"].values()) / 2**20, 1)}
+    if as_json:
+        print_json(summary)
+        return
+    for k, v in summary.items():
+        console.print(f"{k}: {v}")
 
 
 @organism_app.command("eval")
@@ -122,17 +157,21 @@ def organism_eval(name: OrganismArg, as_json: JsonOpt = False,
     from memlens.organisms.build import evaluate_organism
     from memlens.organisms.registry import ensure
 
-    try:
-        path = ensure(name, progress=not as_json)
-        report = evaluate_organism(path, recall_site=recall_site)
-    except MemlensError as e:
-        console.print(f"[red]{e}[/red]")
-        raise typer.Exit(1) from None
+    path = ensure(name, progress=not as_json)
+    report = evaluate_organism(path, recall_site=recall_site)
+    from memlens.missing import explain, format_value
+
+    old_build = "not recorded in organism.json (built by an older memlens)"
+    report |= {"n_known_facts": explain(report.get("n_known_facts"), old_build),
+               "build_seconds": explain(report.get("build_seconds"), old_build),
+               "recall_site": explain(report.get("recall_site"), (
+                   "memlens.trace could not be imported" if recall_site
+                   else "not computed: pass --recall-site"))}
     if as_json:
         print_json(report)
         return
     for k, v in report.items():
-        console.print(f"{k}: {v}")
+        console.print(f"{k}: {format_value(v)}")
 
 
 # ── causal tracing (memlens.trace) ──────────────────────────────────────────
@@ -231,6 +270,12 @@ def trace_avg(
     avg = average_trace(handle, chosen, kinds=kind.split(","), samples=samples,
                         noise=_noise_arg(noise), window=window, progress=not as_json,
                         resume=trace_cache(handle))
+    if avg.n_facts == 0:
+        first = f" (first: {avg.skipped[0]['reason']})" if avg.skipped else ""
+        raise MemlensError(
+            f"no fact could be traced, nothing to average: of {len(chosen)} facts from {facts}, "
+            f"{avg.n_skipped_wrong} were skipped because the model's answer is not their "
+            f"attribute and {avg.n_skipped_invalid} were invalid{first}; nothing was written")
     out.mkdir(parents=True, exist_ok=True)
     (out / "trace_avg.json").write_text(json.dumps(avg.to_json(), indent=1))
     figures = plot_average(avg, out)
@@ -257,6 +302,284 @@ def _noise_arg(noise: str | None) -> float | str | None:
     except ValueError:
         raise MemlensError(f"--noise must be a number, 'uniform' or 'uniform:X', not {noise!r}")\
             from None
+
+
+@app.command()
+def probe(
+    model: ModelOpt = DEFAULT_MODEL,
+    facts: Annotated[Path | None, typer.Option("--facts", help="JSON list of facts (known-facts "
+                                               "or CounterFact format); default: the "
+                                               "organism's known_facts.json.")] = None,
+    layers: Annotated[str | None, typer.Option("--layers", help="e.g. emb,0-4 or 2,5 (emb = "
+                                               "after the embeddings; default: emb and every "
+                                               "block).")] = None,
+    n: Annotated[int | None, typer.Option("--n", help="Probe at most N facts, spread evenly "
+                                          "over the file.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the subject split and the "
+                                      "shuffled control.")] = 0,
+    test_fraction: Annotated[float, typer.Option("--test-fraction", help="Share of each "
+                                                 "object's subjects held out.")] = 0.3,
+    out: OutOpt = Path("memlens-probe"),
+    as_json: JsonOpt = False,
+    device: DeviceOpt = None,
+):
+    """P-probing: held-out accuracy of linear probes of the fact's object, per token group and
+    layer, with a shuffled-label control and the chance level."""
+    from memlens.model import ORGANISM_PREFIX, load_model
+    from memlens.probe import GROUP_LABELS, layer_label, parse_probe_layers, plot_probe, probe_facts
+    from memlens.trace import load_facts
+
+    if facts is None:
+        if not model.startswith(ORGANISM_PREFIX):
+            raise MemlensError("--facts is required unless --model is organism:NAME")
+        from memlens.organisms.registry import organism_file
+
+        facts = organism_file(model, "known_facts.json")
+    chosen = load_facts(facts)
+    handle = load_model(model, device=device)
+    result = probe_facts(handle, chosen, layers=parse_probe_layers(layers) if layers else None,
+                         n=n, seed=seed, test_fraction=test_fraction, progress=not as_json)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "probe.json").write_text(json.dumps(result.to_json(), indent=1))
+    plot_probe(result, title=f"P-probe: {model}").savefig(out / "probe.png", dpi=150,
+                                                           bbox_inches="tight")
+    if as_json:
+        print_json(result.to_json())
+        return
+    from rich.table import Table
+
+    table = Table(title=f"held-out probe accuracy (shuffled-label control) — {model}")
+    table.add_column("token group")
+    for layer in result.layers:
+        table.add_column(layer_label(layer), justify="right")
+    table.add_column("chance", justify="right")
+    for g, label in enumerate(GROUP_LABELS):
+        if result.n_test[g]:
+            table.add_row(label, *(f"{a:.2f} ({c:.2f})" for a, c in
+                                   zip(result.accuracy[g], result.control[g], strict=True)),
+                          f"{result.chance[g]:.2f}")
+    console.print(table)
+    best = result.best()
+    console.print(f"{result.n_test[-1]} held-out facts in {len(result.relations)} relations; best: "
+                  f"{best['group']} @ layer {layer_label(best['layer'])} accuracy "
+                  f"{best['accuracy']:.3f} (control {best['control']:.3f}, chance "
+                  f"{best['chance']:.3f})")
+    for skipped in result.skipped:
+        console.print(f"  skipped relation {skipped['relation']}: {skipped['reason']}")
+    console.print(f"results: {out / 'probe.json'}; figure: {out / 'probe.png'}")
+
+
+# ── recall anatomy: attention knockout and logit lens (memlens.knockout, memlens.lens) ──
+
+FactPromptOpt = Annotated[str | None, typer.Option("--prompt", "-p", help="One fact's prompt, "
+                                                   "e.g. 'Toulouse is a city in'.")]
+FactSubjectOpt = Annotated[str | None, typer.Option("--subject", "-s", help="Its subject; must "
+                                                    "occur in the prompt.")]
+FactsOpt = Annotated[Path | None, typer.Option("--facts", help="Average over a JSON list of facts "
+                                               "(known-facts or CounterFact format); default "
+                                               "without --prompt: the organism's "
+                                               "known_facts.json.")]
+FactsNOpt = Annotated[int | None, typer.Option("--n", help="Use N facts spread evenly over the "
+                                               "file (all relations keep their share).")]
+RelationOpt = Annotated[str | None, typer.Option("--relation", help="Comma-separated relations "
+                                                 "to keep (facts with a 'relation' field).")]
+
+
+def _one_fact_or_many(model: str, prompt: str | None, subject: str | None,
+                      facts: Path | None) -> Path | None:
+    """None for one fact (--prompt and --subject), else the fact file to average over (on
+    organisms, known_facts.json by default); one-line errors for inconsistent options."""
+    if prompt is not None or subject is not None:
+        if prompt is None or subject is None:
+            raise MemlensError("give --prompt and --subject together (one fact), or --facts")
+        if facts is not None:
+            raise MemlensError("give either one fact (--prompt, --subject) or --facts, not both")
+        return None
+    if facts is not None:
+        return facts
+    from memlens.model import ORGANISM_PREFIX
+
+    if not model.startswith(ORGANISM_PREFIX):
+        raise MemlensError("give --prompt and --subject, or --facts (a default fact file exists "
+                           "only for --model organism:NAME)")
+    from memlens.organisms.registry import organism_file
+
+    return organism_file(model, "known_facts.json")
+
+
+@app.command()
+def knockout(
+    model: ModelOpt = DEFAULT_MODEL,
+    prompt: FactPromptOpt = None,
+    subject: FactSubjectOpt = None,
+    facts: FactsOpt = None,
+    n: FactsNOpt = None,
+    relation: RelationOpt = None,
+    window: Annotated[int | None, typer.Option("--window", help="Layers blocked together (default: "
+                                               "Geva et al.'s 9 of 48, scaled to the model's "
+                                               "depth).")] = None,
+    answer: Annotated[str | None, typer.Option("--answer", help="Token to score for one fact "
+                                               "(default: the model's prediction).")] = None,
+    out: OutOpt = Path("memlens-knockout"),
+    as_json: JsonOpt = False,
+    device: DeviceOpt = None,
+):
+    """Attention knockout (Geva et al. 2023): change of P(answer) when the last token cannot
+    attend to the subject, to the other tokens or to itself, in each window of layers.
+
+    One fact (--prompt, --subject) or the mean over many (--facts; resumable, each fact is
+    appended to $MEMLENS_HOME/knockout/<model fingerprint>.jsonl).
+    """
+    from memlens.knockout import (
+        SOURCE_LABELS,
+        average_knockout,
+        knockout_cache,
+        knockout_fact,
+        plot_knockout,
+    )
+    from memlens.model import load_model
+
+    fact_file = _one_fact_or_many(model, prompt, subject, facts)
+    if fact_file is None:
+        handle = load_model(model, device=device)
+        result = knockout_fact(handle, prompt, subject, window=window, answer=answer)
+        data, name = result.to_json(), "knockout"
+        relative = result.relative
+        headline = (f"[bold]{prompt}[/] → {result.answer!r}: p_clean {result.p_clean:.3f}; "
+                    f"blocked {result.window} layer(s) at a time")
+    else:
+        from memlens.trace import load_facts, select_facts
+
+        if answer is not None:
+            raise MemlensError("--answer applies to one fact (--prompt); facts are scored on "
+                               "the model's prediction")
+        handle = load_model(model, device=device)
+        chosen = select_facts(load_facts(fact_file), n, relation.split(",") if relation else None)
+        result = average_knockout(handle, chosen, window=window, progress=not as_json,
+                                  resume=knockout_cache(handle))
+        data, name = result.to_json(), "knockout_avg"
+        relative = result.relative
+        headline = (f"{result.n_facts} facts, {result.n_skipped_wrong} skipped (model wrong), "
+                    f"{result.n_skipped_invalid} invalid; mean p_clean {result.p_clean:.3f}; "
+                    f"blocked {result.window} layer(s) at a time")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(data, indent=1))
+    plot_knockout(result).savefig(out / f"{name}.png", dpi=150, bbox_inches="tight")
+    if as_json:
+        print_json(data)
+        return
+    import math
+
+    from rich.table import Table
+
+    console.print(headline)
+    table = Table(title="% change in p(answer) when the last token cannot attend to …")
+    table.add_column("source \\ layer")
+    for layer in range(handle.n_layers):
+        table.add_column(str(layer), justify="right")
+    for source, curve in relative.items():
+        table.add_row(SOURCE_LABELS[source], *("–" if math.isnan(v) else f"{100 * v:+.0f}"
+                                               for v in curve))
+    console.print(table)
+    console.print(f"results: {out / (name + '.json')}; figure: {out / (name + '.png')}")
+
+
+@app.command()
+def lens(
+    model: ModelOpt = DEFAULT_MODEL,
+    prompt: FactPromptOpt = None,
+    subject: FactSubjectOpt = None,
+    facts: FactsOpt = None,
+    n: FactsNOpt = None,
+    relation: RelationOpt = None,
+    attributes: Annotated[Path | None, typer.Option("--attributes", help="JSON {subject: "
+                                                    "[attributes]} or a fact list; default: the "
+                                                    "organism's facts.json, else the --facts "
+                                                    "file.")] = None,
+    k: Annotated[int | None, typer.Option("--k", help="Top tokens read per lens (default: 50 "
+                                          "of 50,257, scaled to the vocabulary, ≥ 5).")] = None,
+    kind: Annotated[str, typer.Option("--kind", help="Comma-separated: residual, mlp, attn.")]
+    = "residual,mlp,attn",
+    out: OutOpt = Path("memlens-lens"),
+    as_json: JsonOpt = False,
+    device: DeviceOpt = None,
+):
+    """Logit lens and attribute rate (Geva et al. 2023): the share of each layer's top tokens
+    (residual stream, MLP and attention outputs, through the final norm and unembedding) that
+    are attributes of the subject. One fact (--prompt, --subject) or the mean over --facts."""
+    from memlens.lens import (
+        KIND_LABELS,
+        average_lens,
+        lens_fact,
+        load_attributes,
+        plot_average_lens,
+        plot_lens,
+    )
+    from memlens.model import ORGANISM_PREFIX, load_model
+
+    fact_file = _one_fact_or_many(model, prompt, subject, facts)
+    if attributes is None:
+        if model.startswith(ORGANISM_PREFIX):
+            from memlens.organisms.registry import organism_file
+
+            attributes = organism_file(model, "facts.json")
+        elif fact_file is not None:
+            attributes = fact_file
+        else:
+            raise MemlensError("give --attributes FILE (JSON {subject: [attributes]}): the lens "
+                               "needs the subject's attributes")
+    known = load_attributes(attributes)
+    kinds = [k_.strip() for k_ in kind.split(",") if k_.strip()]
+    handle = load_model(model, device=device)
+    if fact_file is None:
+        if not known.get(subject):
+            raise MemlensError(f"{attributes} lists no attributes for subject {subject!r}")
+        result = lens_fact(handle, prompt, subject, known[subject], k=k, kinds=kinds)
+        data, name = result.to_json(handle.tokenizer), "lens"
+        figure = plot_lens(result)
+        last = result.subject_range[1] - 1
+        curves = {kind_: result.rate[kind_][last] for kind_ in result.rate}
+        chance, top_k = result.chance, result.k
+        headline = (f"[bold]{prompt}[/]: attributes of {subject!r}: "
+                    f"{', '.join(result.attributes)}")
+    else:
+        from memlens.trace import load_facts, select_facts
+
+        chosen = select_facts(load_facts(fact_file), n, relation.split(",") if relation else None)
+        result = average_lens(handle, chosen, known, k=k, kinds=kinds, progress=not as_json)
+        data, name = result.to_json(), "lens_avg"
+        figure = plot_average_lens(result)
+        curves = {kind_: result.at(kind_) for kind_ in result.kinds}
+        chance, top_k = result.chance, result.k
+        headline = (f"{result.n_facts} facts, {result.n_skipped_wrong} skipped (model wrong), "
+                    f"{result.n_skipped_invalid} invalid")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(data, indent=1))
+    figure.savefig(out / f"{name}.png", dpi=150, bbox_inches="tight")
+    if as_json:
+        print_json(data)
+        return
+    from rich.table import Table
+
+    console.print(headline)
+    table = Table(title=f"attribute rate at the last subject token (top {top_k}; chance "
+                  f"{chance:.3f})")
+    table.add_column("kind \\ layer")
+    for layer in range(handle.n_layers):
+        table.add_column(str(layer), justify="right")
+    for kind_, curve in curves.items():
+        table.add_row(KIND_LABELS[kind_], *(f"{v:.2f}" for v in curve))
+    console.print(table)
+    if fact_file is not None:
+        peaks = ", ".join(f"{KIND_LABELS[kind_]} {v['rate']:.3f} @ layer {v['layer']}"
+                          for kind_, v in result.peak("last").items())
+        console.print(f"  highest rate at the last token: {peaks}")
+    elif "residual" in result.top:
+        layer = int(curves["residual"].argmax())
+        words = result.top_at("residual", last, layer, handle.tokenizer)
+        console.print(f"  residual top tokens at the last subject token, layer {layer}: "
+                      f"{', '.join(repr(w) for w in words)}")
+    console.print(f"results: {out / (name + '.json')}; figure: {out / (name + '.png')}")
 
 
 # ── statistics, editing and evaluation (memlens.stats, memlens.edit, memlens.evaluate) ──
@@ -312,6 +635,47 @@ def stats(
     console.print(table)
 
 
+AllowNoEffectOpt = Annotated[bool, typer.Option(
+    "--allow-no-effect", help="Keep (and --save) an edit that did not take: P(target_new) did "
+    "not rise, target_new is not preferred, or the optimisation loss did not fall.")]
+
+
+def _save_if_took(handle, edit, result: dict, save: Path | None, allow_no_effect: bool) -> None:
+    """Save the edited model to ``save`` unless the edit did not take (then nothing is written,
+    unless ``allow_no_effect``); records ``took`` and ``saved`` in ``result``."""
+    from memlens.edit import save_edited
+
+    result["took"] = edit.took
+    if save is not None and (edit.took is not False or allow_no_effect):
+        result["saved"] = str(save_edited(handle, save, edit))
+
+
+def _finish_edit(edit, result: dict, save: Path | None, allow_no_effect: bool,
+                 as_json: bool) -> None:
+    """Print ``result`` as JSON (or where the model was saved), then raise EditDidNotTake (one
+    line, non-zero exit) when the edit did not take, after undoing it; with
+    ``allow_no_effect`` print a warning instead."""
+    from memlens.errors import EditDidNotTake
+
+    if as_json:
+        print_json(result)
+    elif "saved" in result:
+        console.print(f"  saved: {result['saved']}")
+    elif save is None:
+        console.print("  (not saved: pass --save DIR to keep the edited model)")
+    if edit.took is not False:
+        return
+    reason = edit.log["outcome"]["reason"]
+    if allow_no_effect:
+        if not as_json:
+            console.print(f"[yellow]warning: the edit did not take ({reason}); kept because of "
+                          "--allow-no-effect[/]")
+        return
+    edit.undo()
+    raise EditDidNotTake(f"the edit did not take: {reason}; nothing was saved (pass "
+                         "--allow-no-effect to keep it anyway)")
+
+
 def _print_fact_check(handle, request, title: str) -> dict:
     """P(target_new), P(target_true) and the greedy answer for one request, printed."""
     from memlens.edit.requests import greedy_answer
@@ -333,17 +697,20 @@ def edit_rome(
                                                "target_new} or a CounterFact record.")],
     model: ModelOpt = DEFAULT_MODEL,
     layer: LayerOpt = None,
-    legacy: Annotated[bool, typer.Option("--legacy", help="The reference code's bare-prompt "
-                                         "denominator (for comparisons).")] = False,
+    update: Annotated[str | None, typer.Option(
+        "--update", help="Which keys the rank-one update inserts: mean (k* averaged over "
+        "contexts), legacy (the reference code's bare-prompt key), both (δ at k* and at the "
+        "bare key). Default: the model's hparams.")] = None,
     hparams_file: HParamsOpt = None,
     corpus: CorpusOpt = None,
     save: Annotated[Path | None, typer.Option("--save", help="New directory for the edited "
                                               "model.")] = None,
+    allow_no_effect: AllowNoEffectOpt = False,
     as_json: JsonOpt = False,
     device: DeviceOpt = None,
 ):
     """One ROME edit, evaluated before and after; --save writes the edited model."""
-    from memlens.edit import ROMEHyperParams, apply_rome, load_requests, save_edited
+    from memlens.edit import ROMEHyperParams, apply_rome, load_requests
     from memlens.model import load_model
 
     requests = load_requests(request_file)
@@ -352,19 +719,17 @@ def edit_rome(
                            "(use `memlens edit memit` for many)")
     request = requests[0]
     handle = load_model(model, device=device)
-    hp = ROMEHyperParams.for_model(handle, path=hparams_file)
+    hp = ROMEHyperParams.for_model(handle, path=hparams_file, update=update)
     if not as_json:
         console.print(f"[bold]ROME[/] {request.describe()}")
     before = _print_fact_check(handle, request, "before") if not as_json else None
-    edit = apply_rome(handle, request, layer=layer, hparams=hp, legacy=legacy, corpus=corpus,
+    edit = apply_rome(handle, request, layer=layer, hparams=hp, corpus=corpus,
                       progress=not as_json)
     after = _print_fact_check(handle, request, "after") if not as_json else None
     result = {**edit.to_dict(), "before": before, "after": after}
-    if save is not None:
-        path = save_edited(handle, save, edit)
-        result["saved"] = str(path)
+    _save_if_took(handle, edit, result, save, allow_no_effect)
     if as_json:
-        print_json(result)
+        _finish_edit(edit, result, save, allow_no_effect, as_json)
         return
     console.print(f"  layer {edit.layer} ({edit.log['layer_source']}), ‖ΔW‖ "
                   f"{edit.delta_norms[edit.layer]:.4g}, v* loss "
@@ -372,8 +737,7 @@ def edit_rome(
                   f"{edit.log['v_star']['loss_last']:.3g}, P(target_new) "
                   f"{edit.log['v_star']['prob_before']:.3g} → "
                   f"{edit.log['v_star']['prob_after']:.3g}")
-    console.print(f"  saved: {result['saved']}" if save else
-                  "  (not saved: pass --save DIR to keep the edited model)")
+    _finish_edit(edit, result, save, allow_no_effect, as_json)
 
 
 @eval_app.command("counterfact")
@@ -404,6 +768,7 @@ def eval_counterfact(
         load_counterfact,
     )
     from memlens.evaluate.counterfact import resolve_data
+    from memlens.missing import format_value
     from memlens.model import load_model
 
     handle = load_model(model, device=device)
@@ -433,7 +798,7 @@ def eval_counterfact(
     for column in ("metric", "pre", "post"):
         table.add_column(column, justify="right")
     for key, value in {**result.summary, "ACC": result.extra["ACC"]}.items():
-        table.add_row(key, f"{value['pre']:.4g}", f"{value['post']:.4g}")
+        table.add_row(key, format_value(value["pre"]), format_value(value["post"]))
     console.print(table)
     if result.extra["skipped"]:
         console.print(f"skipped {len(result.extra['skipped'])} case(s); first: "
@@ -463,23 +828,19 @@ def _batch_check(handle, requests) -> dict:
 
 
 def _report_batch_edit(handle, edit, requests, before: dict, save: Path | None, as_json: bool,
-                       detail: str) -> None:
-    from memlens.edit import save_edited
-
+                       detail: str, allow_no_effect: bool) -> None:
     after = _batch_check(handle, requests)
     result = {**edit.to_dict(), "before": before, "after": after}
-    if save is not None:
-        result["saved"] = str(save_edited(handle, save, edit))
+    _save_if_took(handle, edit, result, save, allow_no_effect)
     if as_json:
-        print_json(result)
+        _finish_edit(edit, result, save, allow_no_effect, as_json)
         return
     for title, row in (("before", before), ("after", after)):
         eff = f", efficacy {row['efficacy']:.3f}" if row["efficacy"] is not None else ""
         console.print(f"  {title:6s} mean p(new) {row['p_new']:.3g}{eff}")
     console.print(f"  {detail}; ‖ΔW‖ " + ", ".join(f"L{k} {v:.4g}"
                                                   for k, v in edit.delta_norms.items()))
-    console.print(f"  saved: {result['saved']}" if save else
-                  "  (not saved: pass --save DIR to keep the edited model)")
+    _finish_edit(edit, result, save, allow_no_effect, as_json)
 
 
 @edit_app.command("memit")
@@ -497,6 +858,7 @@ def edit_memit(
     hparams_file: HParamsOpt = None,
     corpus: CorpusOpt = None,
     save: SaveOpt = None,
+    allow_no_effect: AllowNoEffectOpt = False,
     as_json: JsonOpt = False,
     device: DeviceOpt = None,
 ):
@@ -506,7 +868,7 @@ def edit_memit(
     from memlens.model import load_model
     from memlens.stats import parse_layers
 
-    requests = load_requests(request_file)[:n]
+    requests = _first_requests(load_requests(request_file), n)
     handle = load_model(model, device=device)
     hp = MEMITHyperParams.for_model(handle, path=hparams_file, batch_size=batch_size)
     if not as_json:
@@ -519,17 +881,25 @@ def edit_memit(
     _report_batch_edit(handle, edit, requests, before, save, as_json,
                        f"layers {edit.layers} ({edit.log['layer_source']}), z: P(new) "
                        f"{z['prob_before']:.3g} → {z['prob_after']:.3g}, "
-                       f"{len(edit.log['skipped'])} skipped, {edit.log['seconds']:.1f}s")
+                       f"{len(edit.log['skipped'])} skipped, {edit.log['seconds']:.1f}s",
+                       allow_no_effect)
+
+
+def _first_requests(requests: list, n: int | None) -> list:
+    """The first ``n`` requests (all when ``n`` is None); ``n`` must be ≥ 1."""
+    if n is not None and n < 1:
+        raise MemlensError(f"--n must be ≥ 1, got {n}")
+    return requests[:n]
 
 
 def _edit_ft(kind: str, request_file: Path, model: str, layer: int | None, n: int | None,
              hparams_file: Path | None, save: Path | None, as_json: bool,
-             device: str | None) -> None:
+             device: str | None, allow_no_effect: bool) -> None:
     from memlens.edit import load_requests
     from memlens.edit.finetune import FTHyperParams, apply_ft
     from memlens.model import load_model
 
-    requests = load_requests(request_file)[:n]
+    requests = _first_requests(load_requests(request_file), n)
     handle = load_model(model, device=device)
     hp = FTHyperParams.constrained(handle, path=hparams_file) if kind == "ft-l" else \
         FTHyperParams.for_model(handle, path=hparams_file)
@@ -541,23 +911,27 @@ def _edit_ft(kind: str, request_file: Path, model: str, layer: int | None, n: in
     _report_batch_edit(handle, edit, requests, before, save, as_json,
                        f"layer {edit.layer} ({edit.log['layer_source']}), loss "
                        f"{edit.log['loss_first']:.3g} → {edit.log['loss_last']:.3g}, "
-                       f"max |ΔW| {edit.log['max_abs_change']:.3g}")
+                       f"max |ΔW| {edit.log['max_abs_change']:.3g}", allow_no_effect)
 
 
 @edit_app.command("ft")
 def edit_ft(request_file: RequestsOpt, model: ModelOpt = DEFAULT_MODEL, layer: LayerOpt = None,
             n: NOpt = None, hparams_file: HParamsOpt = None, save: SaveOpt = None,
-            as_json: JsonOpt = False, device: DeviceOpt = None):
+            allow_no_effect: AllowNoEffectOpt = False, as_json: JsonOpt = False,
+            device: DeviceOpt = None):
     """Baseline FT: fine-tune one layer's MLP output matrix on the requests."""
-    _edit_ft("ft", request_file, model, layer, n, hparams_file, save, as_json, device)
+    _edit_ft("ft", request_file, model, layer, n, hparams_file, save, as_json, device,
+             allow_no_effect)
 
 
 @edit_app.command("ft-l")
 def edit_ft_l(request_file: RequestsOpt, model: ModelOpt = DEFAULT_MODEL, layer: LayerOpt = None,
               n: NOpt = None, hparams_file: HParamsOpt = None, save: SaveOpt = None,
-              as_json: JsonOpt = False, device: DeviceOpt = None):
+              allow_no_effect: AllowNoEffectOpt = False, as_json: JsonOpt = False,
+              device: DeviceOpt = None):
     """Baseline FT-L: FT with |W − W₀| ≤ ε (5e-4 unless --hparams sets norm_constraint)."""
-    _edit_ft("ft-l", request_file, model, layer, n, hparams_file, save, as_json, device)
+    _edit_ft("ft-l", request_file, model, layer, n, hparams_file, save, as_json, device,
+             allow_no_effect)
 
 
 @app.command("bench-edits")
@@ -582,9 +956,10 @@ def bench_edits_cmd(
     device: DeviceOpt = None,
 ):
     """Score/ES/PS/NS, GE and wall time vs number of edits for MEMIT, sequential ROME, FT-L."""
-    from memlens.edit.scaling import bench_edits, parse_sizes
+    from memlens.edit.scaling import METRICS, bench_edits, parse_sizes
     from memlens.evaluate import load_counterfact
-    from memlens.evaluate.counterfact import resolve_data
+    from memlens.evaluate.counterfact import bench_reasons, explain_metrics, resolve_data
+    from memlens.missing import format_value
     from memlens.model import load_model
     from memlens.stats import parse_layers
 
@@ -603,13 +978,11 @@ def bench_edits_cmd(
     table = Table(title=f"editing {model}: quality vs number of edits")
     for column in ("method", "n", "Score", "ES", "PS", "NS", "GE", "seconds"):
         table.add_column(column, justify="right")
-    for n in result.sizes:
-        pre = result.pre[n]
-        table.add_row("unedited", str(n), *(f"{pre[k]:.3f}" for k in ("Score", "ES", "PS", "NS",
-                                                                      "GE")), "")
-    for row in result.table():
-        table.add_row(row["method"], str(row["n"]), *(f"{row[k]:.3f}" for k in
-                      ("Score", "ES", "PS", "NS", "GE")), f"{row['seconds']:.1f}")
+    for n, row in [(n, {"method": "unedited", "n": n, **result.pre[n], "seconds": ""})
+                   for n in result.sizes] + [(row["n"], row) for row in result.table()]:
+        row = explain_metrics(row, METRICS, bench_reasons(cases, n, ge_cases))
+        table.add_row(row["method"], str(n), *(format_value(row[k], 3) for k in
+                      ("Score", "ES", "PS", "NS", "GE")), format_value(row["seconds"], 3))
     console.print(table)
     console.print(f"written: {out / 'scaling.json'}, {out / 'scaling.png'}")
 
@@ -768,7 +1141,7 @@ def memorization_heads(
 
 def _memorization_update(mode, model, corpus, out, as_json, device, prefix_len, suffix_len,
                          mp_min_em, nmp_max_em, limit, max_paragraphs, lr, steps, fraction,
-                         weight_decay, save):
+                         weight_decay, save, allow_no_effect):
     from memlens.memorization.pipeline import run_updates
     from memlens.memorization.sparse import save_model
 
@@ -778,10 +1151,16 @@ def _memorization_update(mode, model, corpus, out, as_json, device, prefix_len, 
         steps=steps, fraction=fraction, weight_decay=weight_decay, progress=not as_json)
     results = run_updates(handle, paragraphs, out, s, mode=mode,
                           keep="sparse" if save else None)
-    data = {r.method: {"before": r.before, "after": r.after, "n_weights": r.mask.n_selected}
-            for r in results}
+    data = {r.method: {"before": r.before, "after": r.after, "n_weights": r.mask.n_selected,
+                       "took": r.took} for r in results}
     if save:
         sparse = next(r for r in results if r.method == "sparse")
+        if not sparse.took and not allow_no_effect:
+            from memlens.errors import EditDidNotTake
+
+            sparse.edit.undo()
+            raise EditDidNotTake(f"the edit did not take: {sparse.why_not()}; nothing was saved "
+                                 "(raise --lr/--steps, or pass --allow-no-effect to save anyway)")
         data["saved"] = str(save_model(handle, save, sparse.edit))
         sparse.edit.undo()
     if as_json:
@@ -812,12 +1191,12 @@ def memorization_unlearn(
     prefix_len: PrefixOpt = 50, suffix_len: SuffixOpt = 50, mp_min_em: MpOpt = None,
     nmp_max_em: NmpOpt = 10, limit: LimitOpt = None, max_paragraphs: MaxOpt = 32,
     lr: LrOpt = 1e-5, steps: StepsOpt = 5, fraction: FracOpt = 0.001,
-    weight_decay: WdOpt = 1.0, save: SaveOpt = None,
+    weight_decay: WdOpt = 1.0, save: SaveOpt = None, allow_no_effect: AllowNoEffectOpt = False,
 ):
     """Unlearn memorized paragraphs (CO: keep − change): sparse vs random mask vs full FT."""
     _memorization_update("unlearn", model, corpus, out, as_json, device, prefix_len, suffix_len,
                          mp_min_em, nmp_max_em, limit, max_paragraphs, lr, steps, fraction,
-                         weight_decay, save)
+                         weight_decay, save, allow_no_effect)
 
 
 @memorization_app.command("edit")
@@ -827,12 +1206,12 @@ def memorization_edit(
     prefix_len: PrefixOpt = 50, suffix_len: SuffixOpt = 50, mp_min_em: MpOpt = None,
     nmp_max_em: NmpOpt = 10, limit: LimitOpt = None, max_paragraphs: MaxOpt = 32,
     lr: LrOpt = 1e-5, steps: StepsOpt = 5, fraction: FracOpt = 0.001,
-    weight_decay: WdOpt = 1.0, save: SaveOpt = None,
+    weight_decay: WdOpt = 1.0, save: SaveOpt = None, allow_no_effect: AllowNoEffectOpt = False,
 ):
     """Edit memorized paragraphs towards their perturbed continuations (CO: keep + PMP NLL)."""
     _memorization_update("edit", model, corpus, out, as_json, device, prefix_len, suffix_len,
                          mp_min_em, nmp_max_em, limit, max_paragraphs, lr, steps, fraction,
-                         weight_decay, save)
+                         weight_decay, save, allow_no_effect)
 
 
 @memorization_app.command("all")
@@ -1132,11 +1511,16 @@ def report(
 
 
 def main() -> None:
-    """Console-script entry point: run the app, turning memlens errors into one-line messages."""
+    """Console-script entry point: run the app, turning memlens errors (and file-system errors
+    such as a full disk) into one-line messages and exit code 2. MEMLENS_DEBUG=1 re-raises
+    them with their traceback."""
     try:
         app()
-    except MemlensError as exc:
+    except (MemlensError, OSError) as exc:
+        if os.environ.get("MEMLENS_DEBUG") == "1":
+            raise
         from rich.markup import escape
 
-        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(str(exc))}")
+        message = " ".join(str(exc).split())  # one line, whatever the message held
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(message)}")
         raise SystemExit(2) from None

@@ -40,3 +40,29 @@ class InputTooLong(MemlensError):
 
 class NumericalError(MemlensError):
     """NaN or inf appeared in statistics or in an update; no weights were changed."""
+
+
+class InvalidArgument(MemlensError, ValueError):
+    """An option or argument has a value outside what it accepts (also a ValueError)."""
+
+
+class LayerOutOfRange(MemlensError, IndexError):
+    """A layer index is not one of the model's layers (also an IndexError)."""
+
+
+class UnknownName(MemlensError, KeyError):
+    """A name (hook, report layer, section) is not one of those known (also a KeyError)."""
+
+    __str__ = Exception.__str__  # KeyError would quote the message
+
+
+class InvalidModelFiles(ModelNotFound):
+    """A model directory exists but its files cannot be read (corrupt, truncated, incomplete)."""
+
+
+class InputFileError(MemlensError):
+    """A file the user gave cannot be read: missing, a directory, not UTF-8, or not valid JSON."""
+
+
+class EditDidNotTake(MemlensError):
+    """An edit left its requests where they were (see :mod:`memlens.edit.outcome`)."""

@@ -11,6 +11,7 @@ import functools
 import hashlib
 import inspect
 import os
+import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from memlens.arch import ArchAdapter, adapter_for
-from memlens.errors import HubUnreachable, ModelNotFound
+from memlens.errors import HubUnreachable, InvalidModelFiles, ModelNotFound
 from memlens.tokens import Batch, encode
 
 ORGANISM_PREFIX = "organism:"
@@ -170,11 +171,18 @@ def load_model(
         kwargs["attn_implementation"] = attn_implementation
     if device == "auto":
         kwargs["device_map"] = "auto"
+    from safetensors import SafetensorError
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as exc:
         raise ModelNotFound(f"could not load model {ref!r}: {_first_line(exc)}") from None
+    except (ValueError, TypeError, KeyError, SafetensorError) as exc:
+        raise InvalidModelFiles(
+            f"could not load model {ref!r}: its files are incomplete or corrupt (expected a "
+            f"config.json with a known model_type, a tokenizer and complete weights; "
+            f"{type(exc).__name__}: {_first_line(exc)})") from None
     _reapply_extensions(model)
     if device != "auto":
         target = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -206,6 +214,9 @@ def _resolve_source(ref: str) -> str:
         return str(ensure(ref.removeprefix(ORGANISM_PREFIX)))
     path = Path(ref).expanduser()
     if path.is_dir():
+        if is_partial_save(path):
+            raise ModelNotFound(f"{ref!r} is the temporary folder of an unfinished save, not a "
+                                "model; load the directory the save was writing to")
         if not (path / "config.json").exists():
             raise ModelNotFound(f"directory {str(path)!r} has no config.json: not a HF model")
         return str(path)
@@ -220,6 +231,15 @@ def _resolve_source(ref: str) -> str:
             "model organism (--model organism:facts-gpt2)."
         )
     return ref
+
+
+PARTIAL_SAVE = re.compile(r"^\.(?P<name>.+)\.tmp-(?:(?P<pid>\d+)-)?[^.]+$")  # .NAME.tmp-PID-XXXX
+
+
+def is_partial_save(path: Path) -> bool:
+    """Whether ``path`` is the temporary folder of a save (finished saves are renamed to NAME;
+    see :func:`memlens.edit.save.save_edited`)."""
+    return PARTIAL_SAVE.match(path.name) is not None
 
 
 def _in_hub_cache(repo_id: str) -> bool:

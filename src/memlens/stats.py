@@ -29,6 +29,7 @@ import torch
 
 from memlens.cache import cache_dir
 from memlens.errors import EmptyInput, MemlensError, NumericalError
+from memlens.files import read_text
 
 DEFAULT_SAMPLES = 1000  # corpus samples (texts)
 DEFAULT_MAX_LEN = 256  # tokens per sample, further capped by the model's context
@@ -91,16 +92,17 @@ def _read_text_file(path: Path, n_samples: int) -> list[str]:
     if path.suffix in (".json", ".jsonl"):
         try:
             if path.suffix == ".jsonl":
-                records = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+                records = [json.loads(x) for x in read_text(path, "corpus").splitlines()
+                           if x.strip()]
             else:
-                records = json.loads(path.read_text())
+                records = json.loads(read_text(path, "corpus"))
         except json.JSONDecodeError as exc:
             raise MemlensError(f"corpus {path}: invalid JSON ({exc})") from None
         if not isinstance(records, list):
             raise MemlensError(f"corpus {path}: expected a list of texts or {{'text': ...}}")
         texts = [r if isinstance(r, str) else r.get("text", "") for r in records]
     else:
-        texts = path.read_text().splitlines()
+        texts = read_text(path, "corpus").splitlines()
     return [t for t in texts if t.strip()][:n_samples]
 
 

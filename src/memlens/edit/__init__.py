@@ -2,6 +2,7 @@
 
     from memlens.edit import EditRequest, apply_rome, save_edited
     edit = apply_rome(handle, EditRequest("{} is a city in", "Toulouse", "Japan"))
+    edit.took, edit.log["outcome"]          # did it take? (memlens.edit.outcome)
     save_edited(handle, "out/", edit)       # safetensors + tokenizer + edit_log.json
     edit.undo()
 """

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from memlens.edit.hparams import HyperParams, InvalidHyperParams
 from memlens.edit.ledger import EditHandle, edit_weight_name
+from memlens.edit.outcome import measure, record_outcome
 from memlens.edit.requests import EditRequest, coerce_request, validate_request
 from memlens.errors import EmptyInput, MemlensError, NumericalError
 
@@ -126,6 +127,7 @@ def apply_ft(
     name = edit_weight_name(handle, layer)  # range check with a clear message
     ids, mask, labels = (t.to(handle.device) for t in _rows(handle, reqs, targets))
     method = "ft" if hp.norm_constraint is None else "ft-l"
+    before = measure(handle, reqs)
     edit = EditHandle.snapshot(handle, [name], layers=[layer])
     weight = dict(handle.model.named_parameters())[name]
     original = edit.originals[name].to(weight.device)
@@ -189,7 +191,7 @@ def apply_ft(
         "seconds": round(time.perf_counter() - started, 3),
     }
     edit.seal()
-    return edit
+    return record_outcome(edit, reqs, before, edit.log, f"{method.upper()} loss")
 
 
 def apply_ft_l(handle: Any, requests: Any, *, layer: int | None = None,

@@ -56,6 +56,13 @@ class EditHandle:
             raise MemlensError(f"this edit changed layers {self.layers}; use .layers")
         return self.layers[0]
 
+    @property
+    def took(self) -> bool | None:
+        """Whether the edit moved its requests as checked after applying it
+        (``log["outcome"]``, see :mod:`memlens.edit.outcome`); None when it was not checked."""
+        outcome = self.log.get("outcome")
+        return None if outcome is None else bool(outcome["took"])
+
     def seal(self) -> None:
         """Remember the edited values, so that out-of-order undo can be detected."""
         params = dict(self.handle.model.named_parameters())

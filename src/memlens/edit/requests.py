@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from memlens.errors import EmptyInput, MemlensError, SubjectNotFound
+from memlens.files import read_text
 from memlens.tokens import subject_span, target_ids
 
 
@@ -41,7 +42,15 @@ class EditRequest:
     case_id: int | str | None = None  # CounterFact case id, when loaded from a record
 
     def __post_init__(self) -> None:
-        if not isinstance(self.subject, str) or not self.subject.strip():
+        for name in ("prompt", "subject", "target_new"):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                raise InvalidRequest(f"{name} of an edit request must be a string, got "
+                                     f"{type(value).__name__} {value!r:.80}")
+        if self.target_true is not None and not isinstance(self.target_true, str):
+            raise InvalidRequest(f"target_true of the request about {self.subject!r} must be a "
+                                 f"string, got {type(self.target_true).__name__}")
+        if not self.subject.strip():
             raise EmptyInput(f"the subject of request {self.describe()} is empty")
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             raise EmptyInput(f"the prompt of the request about {self.subject!r} is empty")
@@ -76,6 +85,9 @@ class EditRequest:
         if not isinstance(record, dict):
             raise InvalidRequest(f"{where} must be a JSON object, got {type(record).__name__}")
         body = record.get("requested_rewrite", record)
+        if not isinstance(body, dict):
+            raise InvalidRequest(f"{where}: requested_rewrite must be a JSON object, got "
+                                 f"{type(body).__name__}")
         missing = [k for k in ("prompt", "subject", "target_new") if k not in body]
         if missing:
             raise InvalidRequest(f"{where} lacks {missing}; expected prompt, subject, target_new")
@@ -88,9 +100,9 @@ class EditRequest:
         )
 
 
-def _text(value: Any) -> str:
+def _text(value: Any) -> Any:
     """CounterFact stores targets as {"str": ..., "id": ...}; flat requests as strings."""
-    return value["str"] if isinstance(value, dict) else value
+    return value.get("str") if isinstance(value, dict) else value
 
 
 def coerce_request(request: EditRequest | dict[str, Any]) -> EditRequest:
@@ -102,7 +114,7 @@ def load_requests(path: str | Path) -> list[EditRequest]:
     path = Path(path)
     if not path.is_file():
         raise MemlensError(f"request file {str(path)!r} does not exist")
-    text = path.read_text()
+    text = read_text(path, "request file")
     try:
         if path.suffix == ".jsonl":
             records = [json.loads(line) for line in text.splitlines() if line.strip()]

@@ -10,9 +10,9 @@ The update inserts the pair (k*, v*) into W of layer l*:
     W ← W + (v* − W k* − b) (C⁻¹k*)ᵀ / ((C⁻¹k*)ᵀ k*)
 
 so that afterwards W k* + b = v*. k* is the key averaged over context templates; C = E[k kᵀ]
-comes from :mod:`memlens.stats`. ``legacy=True`` reproduces the reference code, which instead
-inserts (k_bare, v*) — numerator v* − W k_bare − b and denominator (C⁻¹k*)ᵀ k_bare with the key
-k_bare of the bare prompt — a known inconsistency kept only for comparisons.
+comes from :mod:`memlens.stats`. That is ``update="mean"``; ``"legacy"`` reproduces the
+reference code, which inserts (k_bare, v*) with the key k_bare of the bare prompt in numerator
+and denominator, and ``"both"`` adds δ = v* − W k* − b at k* and at k_bare alike.
 """
 
 from __future__ import annotations
@@ -25,23 +25,28 @@ import torch
 
 from memlens.edit.compute import Keys, compute_k_star, mlp_output_of
 from memlens.edit.context import context_templates
-from memlens.edit.hparams import ROMEHyperParams
+from memlens.edit.hparams import ROME_UPDATES, ROMEHyperParams
 from memlens.edit.ledger import EditHandle, apply_layer_deltas
 from memlens.edit.optimize import DeltaObjective, DeltaResult, optimize_deltas
+from memlens.edit.outcome import measure, record_outcome
 from memlens.edit.requests import EditRequest, coerce_request, validate_request
-from memlens.errors import NumericalError
+from memlens.errors import MemlensError, NumericalError
 from memlens.stats import KeyStats, layer_stats
 
 
 def choose_layer(handle: Any, request: EditRequest) -> tuple[int, str]:
     """The layer to edit and how it was chosen: the MLP layer with the largest indirect
-    effect in a causal trace of the request (when :mod:`memlens.trace` is installed), else the
-    middle layer."""
+    effect in a causal trace of the request among the layers that can reach the prediction
+    (:func:`memlens.trace.best_layer`); the middle layer when the trace finds no effect (the
+    reason is the returned source) or :mod:`memlens.trace` is not installed."""
     try:
-        from memlens.trace import best_layer
+        from memlens.trace.runs import NoCausalEffect, best_layer
     except ImportError:
         return handle.n_layers // 2, "middle layer (memlens.trace not available)"
-    return int(best_layer(handle, request.text, request.subject, kind="mlp")), "causal trace"
+    try:
+        return int(best_layer(handle, request.text, request.subject, kind="mlp")), "causal trace"
+    except NoCausalEffect as exc:
+        return handle.n_layers // 2, f"middle layer, because {exc}"
 
 
 def left_vector(C: torch.Tensor | None, k_star: torch.Tensor, layer: int) -> torch.Tensor:
@@ -63,14 +68,23 @@ def left_vector(C: torch.Tensor | None, k_star: torch.Tensor, layer: int) -> tor
 class RankOneUpdate:
     """ΔW = right ⊗ left / denominator, as (d_model, d_ff)."""
 
-    left: torch.Tensor  # u = C⁻¹ k* (d_ff,), float64
-    right: torch.Tensor  # v* − W k − b (d_model,), float64
-    denominator: float  # uᵀ k* (uᵀ k_bare when legacy)
+    left: torch.Tensor  # the input direction (d_ff,), float64: u = C⁻¹k* or w (update "both")
+    right: torch.Tensor  # the output change (d_model,), float64
+    denominator: float  # so that ΔW k = right for the inserted key(s) k
 
     @property
     def delta(self) -> torch.Tensor:
         return torch.outer(self.right, self.left) / self.denominator
 
+
+# How the rank-one update uses the keys (``ROMEHyperParams.update``, one of ROME_UPDATES):
+# "mean"   — insert (k*, v*): ΔW k* = v* − W k* − b, k* the key averaged over context
+#            templates in both places (r-ROME's consistent form);
+# "legacy" — the reference code: the bare prompt's key in numerator and denominator,
+#            ΔW k_bare = v* − W k_bare − b, direction still C⁻¹k*;
+# "both"   — ΔW = δ wᵀ with δ = v* − W k* − b and w the C-metric minimum-norm vector with
+#            wᵀk* = wᵀk_bare = 1: the edit adds the optimised δ both at the averaged key and at
+#            the bare prompt's key (where CounterFact's rewrite prompt reads it).
 
 def compute_v_star(handle: Any, request: EditRequest, layer: int, templates: list[str],
                    keys: Keys, hparams: ROMEHyperParams, target: list[int]) -> DeltaResult:
@@ -85,19 +99,46 @@ def compute_v_star(handle: Any, request: EditRequest, layer: int, templates: lis
 
 
 def rank_one_update(handle: Any, layer: int, keys: Keys, v_star: torch.Tensor,
-                    C: torch.Tensor | None, *, legacy: bool = False) -> RankOneUpdate:
-    """The ROME update of ``layer`` from k*, v* and C (None: identity, no covariance)."""
+                    C: torch.Tensor | None, *, update: str = "mean") -> RankOneUpdate:
+    """The ROME update of ``layer`` from k*, v* and C (None: identity, no covariance); see
+    the comment above for the three forms (``ROME_UPDATES``)."""
+    if update not in ROME_UPDATES:
+        raise ValueError(f"unknown ROME update {update!r}; choose one of {', '.join(ROME_UPDATES)}")
     k_star = keys.k_star.double()
     u = left_vector(C, keys.k_star, layer)  # C⁻¹ k*
-    k_insert = keys.k_bare.double() if legacy else k_star
+    k_insert = keys.k_bare.double() if update == "legacy" else k_star
     v_current = mlp_output_of(handle, layer, k_insert.float()).double()  # W k + b
     right = v_star.double().to(v_current.device) - v_current
-    denominator = float(u @ k_insert.to(u.device))
-    if not torch.isfinite(u).all() or not torch.isfinite(right).all() or denominator == 0 \
+    left, denominator = u, float(u @ k_insert.to(u.device))
+    if update == "both":
+        left, denominator = _two_key_direction(C, keys, layer, u), 1.0
+    if not torch.isfinite(left).all() or not torch.isfinite(right).all() or denominator == 0 \
             or denominator != denominator:
         raise NumericalError(f"the ROME update of layer {layer} is not finite "
                              f"(denominator {denominator}); no weights were changed")
-    return RankOneUpdate(left=u, right=right, denominator=denominator)
+    return RankOneUpdate(left=left, right=right, denominator=denominator)
+
+
+def bare_ratio(keys: Keys, u: torch.Tensor) -> float:
+    """r = uᵀk_bare / uᵀk*: the share of the "mean" update's δ that reaches the bare prompt
+    (r ≪ 1: the averaged contexts and the bare prompt read different keys; the "legacy"
+    update divides by uᵀk_bare instead, so its change elsewhere is scaled by 1/r)."""
+    u = u.double()
+    return float(u @ keys.k_bare.double().to(u.device)) / float(u @ keys.k_star.double().to(u.device))
+
+
+def _two_key_direction(C: torch.Tensor | None, keys: Keys, layer: int,
+                       u: torch.Tensor) -> torch.Tensor:
+    """w = C⁻¹K (KᵀC⁻¹K)⁻¹ 1 for K = [k*, k_bare]: the smallest w in the C⁻¹ metric with
+    wᵀk* = wᵀk_bare = 1. When the two keys are (nearly) parallel the constraints coincide
+    and w = u / (uᵀk*), the "mean" direction."""
+    K = torch.stack([keys.k_star, keys.k_bare], 1).double().to(u.device)  # (d_ff, 2)
+    CinvK = torch.stack([u, left_vector(C, keys.k_bare, layer).to(u.device)], 1)
+    G = K.T @ CinvK  # KᵀC⁻¹K, symmetric positive semi-definite
+    ones = torch.ones(2, dtype=torch.float64, device=u.device)
+    if torch.linalg.cond(G) > 1e8:
+        return u / float(u @ K[:, 0])
+    return CinvK @ torch.linalg.solve(G, ones)
 
 
 def apply_rome(
@@ -107,7 +148,6 @@ def apply_rome(
     layer: int | None = None,
     hparams: ROMEHyperParams | None = None,
     stats: KeyStats | dict[int, KeyStats] | None = None,
-    legacy: bool = False,
     corpus: str | None = None,
     templates: list[str] | None = None,
     check_current: bool = True,
@@ -137,7 +177,8 @@ def apply_rome(
         elif stats is not None:
             key_stats = stats
         if key_stats is not None and key_stats.layer != layer:
-            raise ValueError(f"statistics are for layer {key_stats.layer}, the edit is at {layer}")
+            raise MemlensError(f"statistics are for layer {key_stats.layer}, the edit is at "
+                               f"{layer}")
         if key_stats is None:
             key_stats = layer_stats(handle, [layer], corpus=corpus,
                                     n_samples=hparams.mom2_n_samples,
@@ -147,21 +188,24 @@ def apply_rome(
         templates = context_templates(handle, hparams.context_templates, seed=hparams.context_seed)
     keys = compute_k_star(handle, request, layer, templates, hparams.fact_token)
     vstar = compute_v_star(handle, request, layer, templates, keys, hparams, target)
+    before = measure(handle, [request])
     update = rank_one_update(handle, layer, keys, vstar.target[0],
-                             None if key_stats is None else key_stats.mom2, legacy=legacy)
+                             None if key_stats is None else key_stats.mom2, update=hparams.update)
     log = {
-        "method": "rome" + (" (legacy denominator)" if legacy else ""),
+        "method": "rome",
         "requests": [request.to_dict()],
         "layer": layer,
         "layer_source": source,
-        "legacy": legacy,
+        "update": hparams.update,
         "hparams": hparams.to_dict(),
         "n_templates": len(templates),
         "v_star": vstar.summary(),
         "denominator": update.denominator,
+        "bare_ratio": bare_ratio(keys, update.left),
         "left_norm": float(update.left.norm()),
         "right_norm": float(update.right.norm()),
         "stats": None if key_stats is None else key_stats.meta(),
         "seconds": round(time.perf_counter() - started, 3),
     }
-    return apply_layer_deltas(handle, {layer: update.delta}, log=log)
+    edit = apply_layer_deltas(handle, {layer: update.delta}, log=log)
+    return record_outcome(edit, [request], before, vstar.summary(), "v* loss")

@@ -3,9 +3,12 @@
     save_edited(handle, "out/toulouse-japan", edit)
     # out/toulouse-japan/{config.json, model.safetensors, tokenizer files, edit_log.json}
 
-The model is written to a temporary sibling directory and renamed into place when complete.
-The source model's directory (or anything inside it) and non-empty existing directories are
-refused: editing never overwrites a model on disk.
+The model is written to a temporary sibling directory ``.NAME.tmp-PID-XXXX`` and renamed into
+place when complete; a failed save removes it. A save killed mid-write cannot clean up, so each
+save first removes the temporary folders in its parent whose writing process is gone (and, for
+its own NAME, those of older memlens versions, which carry no process id). The source model's
+directory (or anything inside it) and non-empty existing directories are refused: editing never
+overwrites a model on disk.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 
 from memlens.edit.ledger import EditHandle
 from memlens.errors import MemlensError
+from memlens.model import PARTIAL_SAVE
 
 
 class UnsafeSaveTarget(MemlensError):
@@ -41,7 +45,8 @@ def save_edited(handle: Any, out_dir: str | Path, edits: EditHandle | Sequence[E
     if any(e.undone for e in edits):
         raise MemlensError("an edit to be saved has been undone; the model no longer holds it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    remove_stale_saves(out.parent, out.name)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-{os.getpid()}-"))
     try:
         handle.model.save_pretrained(tmp, safe_serialization=True)
         handle.tokenizer.save_pretrained(tmp)
@@ -55,3 +60,29 @@ def save_edited(handle: Any, out_dir: str | Path, edits: EditHandle | Sequence[E
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def remove_stale_saves(parent: Path, name: str) -> list[Path]:
+    """Delete the temporary folders of killed saves in ``parent``: those whose process id names
+    no running process, and those of saves into ``name`` without a process id. Returns them."""
+    removed = []
+    for path in parent.iterdir():
+        match = PARTIAL_SAVE.match(path.name)
+        if match is None or not path.is_dir():
+            continue
+        pid = match.group("pid")
+        if (pid is None and match.group("name") == name) or \
+                (pid is not None and not _process_alive(int(pid))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True

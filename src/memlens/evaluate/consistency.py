@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from memlens.errors import MemlensError
+from memlens.files import read_text
 
 _TOKEN = re.compile(r"(?u)\b\w\w+\b")  # scikit-learn's default token pattern
 
@@ -76,11 +77,11 @@ class ReferenceTexts:
         if not path.is_file():
             raise MemlensError(f"reference texts {str(path)!r} do not exist")
         if path.suffix == ".json":
-            data = json.loads(path.read_text())
+            data = json.loads(read_text(path, "reference texts"))
             if not isinstance(data, dict):
                 raise MemlensError(f"{path}: expected {{target: [texts, ...]}}")
             return cls(by_target={k: list(v) for k, v in data.items()}, source=str(path))
-        lines = [x for x in path.read_text().splitlines() if x.strip()]
+        lines = [x for x in read_text(path, "reference texts").splitlines() if x.strip()]
         return cls(corpus_lines=lines, source=str(path))
 
     @classmethod

@@ -13,6 +13,10 @@ consistency with texts about target_new (:mod:`memlens.evaluate.consistency`), A
 teacher-forced token accuracy of target_new on rewrite + paraphrase prompts.
 With an editor, every case is edited alone and undone before the next; pre-edit numbers are
 measured on the same cases, so they always stand beside the post-edit ones.
+
+A metric a case cannot give (no paraphrase prompts, generation off, no reference texts, ...) is
+``{"value": None, "reason": ...}`` in that case's record and in the summary
+(:mod:`memlens.missing`); :func:`unavailable` says why, for one case or many.
 """
 
 from __future__ import annotations
@@ -29,8 +33,11 @@ from memlens.errors import MemlensError
 from memlens.evaluate.consistency import ReferenceTexts
 from memlens.evaluate.fluency import ngram_entropy
 from memlens.evaluate.scoring import generate, score_targets
+from memlens.files import read_text
+from memlens.missing import explain, is_nan
 
 SUMMARY_KEYS = ("n", "ES", "PS", "NS", "EM", "PM", "NM", "Score", "GE", "RS")
+CASE_METRICS = ("ES", "PS", "NS", "EM", "PM", "NM", "ACC", "GE", "RS")
 Editor = Callable[[Any, EditRequest], Any]  # (handle, request) -> EditHandle with .undo()
 
 
@@ -100,7 +107,7 @@ def load_counterfact(data: str | Path, n: int | None = None) -> list[CounterFact
     """
     path = resolve_data(data)
     try:
-        records = json.loads(path.read_text())
+        records = json.loads(read_text(path, "CounterFact file"))
     except json.JSONDecodeError as exc:
         raise MemlensError(f"{path}: invalid JSON ({exc})") from None
     if not isinstance(records, list):
@@ -135,10 +142,62 @@ class GenerationConfig:
 DEFAULT_GENERATION = GenerationConfig()
 
 
+def unavailable(cases: Sequence[CounterFactCase], *,
+                generation: GenerationConfig | None = DEFAULT_GENERATION,
+                references: ReferenceTexts | None = None) -> dict[str, str]:
+    """Why each metric that none of ``cases`` can give is missing: {metric: reason}.
+
+    PS/PM need paraphrase prompts, NS/NM neighbourhood prompts, GE generation prompts (with
+    generation on), RS also reference texts that mention a case's target_new; Score needs ES,
+    PS and NS. Metrics some case can give are not in the dict.
+    """
+    reasons: dict[str, str] = {}
+    if not any(c.paraphrase_prompts for c in cases):
+        reasons["PS"] = reasons["PM"] = "no paraphrase prompts in the evaluated case(s)"
+    if not any(c.neighborhood_prompts for c in cases):
+        reasons["NS"] = reasons["NM"] = "no neighborhood prompts in the evaluated case(s)"
+    if generation is None:
+        reasons["GE"] = reasons["RS"] = "generation is off (--no-generation)"
+    elif not any(c.generation_prompts for c in cases):
+        reasons["GE"] = reasons["RS"] = "no generation prompts in the evaluated case(s)"
+    elif references is None:
+        reasons["RS"] = ("no reference texts: pass --references, or put reference_texts.json "
+                         "or corpus.txt beside the data or the model")
+    elif not any(c.generation_prompts and references.texts_for(c.request.target_new)
+                 for c in cases):
+        reasons["RS"] = (f"no text in {references.source or 'the reference texts'} mentions "
+                         "the new target of the evaluated case(s)")
+    lacking = [k for k in ("ES", "PS", "NS") if k in reasons]
+    if lacking:
+        reasons["Score"] = f"Score needs ES, PS and NS; {lacking[0]}: {reasons[lacking[0]]}"
+    return reasons
+
+
+def bench_reasons(cases: Sequence[CounterFactCase], n: int, ge_cases: int) -> dict[str, str]:
+    """Why a ``bench-edits`` point lacks a metric: ES/PS/NS/Score are measured on the first
+    ``n`` cases, GE on the generations of the first ``ge_cases`` (see
+    :func:`memlens.edit.scaling.bench_edits`); {metric: reason} for those none can give."""
+    reasons = {k: v for k, v in unavailable(cases[:n], generation=None).items()
+               if k not in ("GE", "RS")}
+    ge = unavailable(cases[:ge_cases]).get("GE") if ge_cases else "GE is off (ge_cases 0)"
+    return reasons | ({"GE": ge} if ge else {})
+
+
+def explain_metrics(values: dict[str, Any], keys: Sequence[str],
+                    reasons: dict[str, str]) -> dict[str, Any]:
+    """``values`` with each NaN among ``keys`` replaced by ``missing(reason)``."""
+    return {**values, **{k: explain(values[k], reasons.get(k, _UNKNOWN.format(k)))
+                         for k in keys if k in values}}
+
+
+_UNKNOWN = "{} came out NaN with every input present (non-finite model outputs?)"
+
+
 def case_metrics(handle: Any, case: CounterFactCase, *,
                  generation: GenerationConfig | None = DEFAULT_GENERATION,
                  references: ReferenceTexts | None = None) -> dict[str, Any]:
-    """ES/PS/NS, EM/PM/NM, ACC, GE, RS of the model as it is now, for one case."""
+    """ES/PS/NS, EM/PM/NM, ACC, GE, RS of the model as it is now, for one case; a metric the
+    case cannot give is ``missing(reason)`` (see :func:`unavailable`)."""
     req = case.request
     groups = {"rewrite": [req.text], "paraphrase": case.paraphrase_prompts,
               "neighborhood": case.neighborhood_prompts}
@@ -168,6 +227,9 @@ def case_metrics(handle: Any, case: CounterFactCase, *,
         out["generations"] = texts
     else:
         out["GE"] = out["RS"] = float("nan")
+    if any(is_nan(out[k]) for k in CASE_METRICS):
+        out = explain_metrics(out, CASE_METRICS,
+                              unavailable([case], generation=generation, references=references))
     return out
 
 
@@ -182,7 +244,7 @@ def _mean(values: Sequence[float]) -> float:
 class CounterFactResult:
     """Summary {metric: {pre, post}} + per-case records; JSON-serialisable via to_dict()."""
 
-    summary: dict[str, dict[str, float]]
+    summary: dict[str, dict[str, Any]]  # a metric no case gives: {"value": None, "reason"}
     extra: dict[str, Any]
     cases: list[dict[str, Any]]
 
@@ -191,10 +253,12 @@ class CounterFactResult:
 
 
 def summarize(records: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """Means over cases (NaNs skipped); Score = harmonic mean of ES, PS, NS."""
+    """Means over the cases that give each metric (NaN when none does); Score = harmonic mean
+    of ES, PS, NS."""
     out: dict[str, float] = {"n": float(len(records))}
-    for key in ("ES", "PS", "NS", "EM", "PM", "NM", "GE", "RS", "ACC"):
-        values = [r[key] for r in records if key in r and r[key] == r[key]]
+    for key in CASE_METRICS:
+        values = [r[key] for r in records
+                  if isinstance(r.get(key), int | float) and not is_nan(r[key])]
         out[key] = _mean(values)
     parts = [out["ES"], out["PS"], out["NS"]]
     if any(p != p for p in parts):
@@ -286,6 +350,7 @@ def evaluate_counterfact(
         edit_fn, setup = editor, {"editor": getattr(editor, "__name__", "custom")}
     fingerprint = handle.fingerprint()
     records: list[dict[str, Any]] = []
+    evaluated: list[CounterFactCase] = []
     pre_all: list[dict[str, Any]] = []
     post_all: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
@@ -316,6 +381,7 @@ def evaluate_counterfact(
                     edit.undo()
             records.append({"case_id": case.case_id, "request": case.request.to_dict(),
                             "pre": pre, "post": post, "edit": log})
+            evaluated.append(case)
             pre_all.append(pre)
             post_all.append(post)
             if bar:
@@ -327,7 +393,10 @@ def evaluate_counterfact(
         raise MemlensError("the model's weights differ after evaluation: an edit was not undone")
     if not records:
         raise MemlensError(f"every case was skipped; first reason: {skipped[0]['reason']}")
-    pre_sum, post_sum = summarize(pre_all), summarize(post_all)
+    reasons = unavailable(evaluated, generation=generation, references=references)
+    keys = (*SUMMARY_KEYS, "ACC")
+    pre_sum = explain_metrics(summarize(pre_all), keys, reasons)
+    post_sum = explain_metrics(summarize(post_all), keys, reasons)
     summary = {k: {"pre": pre_sum[k], "post": post_sum[k]} for k in SUMMARY_KEYS}
     extra = {"ACC": {"pre": pre_sum["ACC"], "post": post_sum["ACC"]}, **setup,
              "n_requested": len(cases), "skipped": skipped,

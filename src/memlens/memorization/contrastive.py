@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memlens.errors import EmptyInput
+from memlens.errors import EmptyInput, InvalidArgument
 from memlens.memorization.data import PREFIX_LEN
 from memlens.memorization.scan import suffix_token_nll
 
@@ -72,11 +72,11 @@ class ContrastiveObjective:
             raise EmptyInput("the contrastive objective needs at least one non-memorized "
                              "paragraph (NMP); the scan found none")
         if mode not in ("unlearn", "edit"):
-            raise ValueError(f"mode must be 'unlearn' or 'edit', got {mode!r}")
+            raise InvalidArgument(f"mode must be 'unlearn' or 'edit', got {mode!r}")
         change_ids = mp_ids
         if mode == "edit":
             if pmp_ids is None or pmp_ids.shape != mp_ids.shape:
-                raise ValueError("editing needs pmp_ids shaped like mp_ids (run perturb first)")
+                raise InvalidArgument("editing needs pmp_ids shaped like mp_ids (run perturb first)")
             change_ids = torch.cat([mp_ids[:, :prefix_len], pmp_ids[:, prefix_len:]], dim=1)
         device = next(model.parameters()).device
         logits = model(input_ids=nmp_ids.to(device)).logits

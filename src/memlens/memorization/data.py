@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from memlens.errors import EmptyInput, InputTooLong, MemlensError
+from memlens.errors import EmptyInput, InputTooLong, InvalidArgument, MemlensError
+from memlens.files import read_text
 
 PREFIX_LEN = 50  # tokens the model is prompted with
 SUFFIX_LEN = 50  # tokens it must reproduce greedily to count as memorized
@@ -75,7 +76,7 @@ def load_paragraphs(
         paragraphs = load_paragraphs(handle, "my_paragraphs.txt", prefix_len=32, suffix_len=32)
     """
     if prefix_len < 1 or suffix_len < 1:
-        raise ValueError(f"prefix_len and suffix_len must be ≥ 1, got {prefix_len}, {suffix_len}")
+        raise InvalidArgument(f"prefix_len and suffix_len must be ≥ 1, got {prefix_len}, {suffix_len}")
     records = _read_records(handle, source)
     if limit is not None:
         records = records[:limit]
@@ -133,13 +134,13 @@ def _read_records(handle, source: str | Path | None) -> list[dict[str, Any]]:
         raise CorpusNotFound(f"corpus file {text!r} does not exist")
     if path.suffix == ".jsonl":
         return _read_jsonl(path)
-    blocks = [b.strip() for b in path.read_text().split("\n\n")]
+    blocks = [b.strip() for b in read_text(path, "corpus").split("\n\n")]
     return [{"id": i, "text": b} for i, b in enumerate(blocks) if b]
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     records = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
+    for n, line in enumerate(read_text(path, "corpus").splitlines(), start=1):
         if not line.strip():
             continue
         try:

@@ -28,6 +28,7 @@ from torch import nn
 from memlens import hooks
 from memlens.arch import HookPoint
 from memlens.errors import EmptyInput
+from memlens.files import read_text
 from memlens.memorization.data import PREFIX_LEN
 
 RARE_RANKS = 3  # attention mass on the 3 rarest dense frequency ranks
@@ -64,7 +65,7 @@ def corpus_frequencies(handle, texts: list[str] | None = None, *, chunk_chars: i
         if path is None or not path.is_file():
             raise EmptyInput(f"model {handle.ref!r} has no corpus.txt; pass corpus texts to "
                              "compute token frequencies")
-        text = path.read_text()
+        text = read_text(path, "corpus")
         texts = [text[i:i + chunk_chars] for i in range(0, len(text), chunk_chars)]
     tokenizer = handle.tokenizer
     lists = (tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts)

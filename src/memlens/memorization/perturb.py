@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import torch
 
+from memlens.errors import InvalidArgument
 from memlens.memorization.data import PREFIX_LEN, Paragraph, paragraph_tensor
 from memlens.memorization.scan import _progress, evaluate
 
@@ -63,7 +64,7 @@ def swap_tokens(
         original = ids[:, positions]
         return draw + (draw >= original).long()  # uniform over the vocabulary minus the original
     if mode != "model":
-        raise ValueError(f"unknown perturbation mode {mode!r}: 'model' or 'random'")
+        raise InvalidArgument(f"unknown perturbation mode {mode!r}: 'model' or 'random'")
     device = next(model.parameters()).device
     logits = model(input_ids=ids.to(device)).logits.cpu()  # (N, T, V)
     index = torch.tensor(positions) - 1
@@ -94,7 +95,7 @@ def perturb(
     ids = paragraph_tensor(paragraphs)
     positions = list(range(1, prefix_len)) if positions is None else list(positions)
     if any(not 0 < p < prefix_len for p in positions):
-        raise ValueError(f"positions must lie in 1..{prefix_len - 1} (position 0 is never "
+        raise InvalidArgument(f"positions must lie in 1..{prefix_len - 1} (position 0 is never "
                          f"perturbed), got {positions}")
     model = handle.model
     base = evaluate(model, ids, prefix_len, batch_size=batch_size)

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 
 from memlens.errors import EmptyInput
+from memlens.files import read_text
 from memlens.memorization import plots
 from memlens.memorization.attribute import AttributionResult, attribute
 from memlens.memorization.data import PREFIX_LEN, Paragraph, paragraph_tensor
@@ -142,7 +143,7 @@ def heldout_blocks(handle, length: int, n: int = 64) -> torch.Tensor | None:
     path = handle.source_dir / "corpus.txt" if handle.source_dir else None
     if path is None or not path.is_file():
         return None
-    text = path.read_text()[-400_000:]
+    text = read_text(path, "corpus")[-400_000:]
     ids = handle.tokenizer(text, add_special_tokens=False)["input_ids"]
     blocks = [ids[i:i + length] for i in range(0, len(ids) - length + 1, length)][-n:]
     return torch.tensor(blocks, dtype=torch.long) if blocks else None

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from memlens.errors import InvalidArgument
 from memlens.memorization.data import PREFIX_LEN, Paragraph, paragraph_tensor
 from memlens.model import kv_cache_kwargs, kv_cache_of
 
@@ -107,7 +108,7 @@ def evaluate(
     """
     suffix_len = ids.shape[1] - prefix_len
     if suffix_len < 1:
-        raise ValueError(f"paragraphs have {ids.shape[1]} tokens: nothing after the "
+        raise InvalidArgument(f"paragraphs have {ids.shape[1]} tokens: nothing after the "
                          f"{prefix_len}-token prefix")
     ems, nlls, conts = [], [], []
     for start in range(0, ids.shape[0], batch_size):
@@ -219,7 +220,7 @@ def scan(
     suffix_len = ids.shape[1] - prefix_len
     mp_min_em = suffix_len if mp_min_em is None else mp_min_em
     if not 0 <= nmp_max_em < mp_min_em <= suffix_len:
-        raise ValueError(f"need 0 ≤ nmp_max_em ({nmp_max_em}) < mp_min_em ({mp_min_em}) ≤ "
+        raise InvalidArgument(f"need 0 ≤ nmp_max_em ({nmp_max_em}) < mp_min_em ({mp_min_em}) ≤ "
                          f"suffix_len ({suffix_len})")
     with _progress(progress, "scan", len(paragraphs)) as advance:
         ev = evaluate(handle.model, ids, prefix_len, batch_size=batch_size, on_batch=advance)

@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 
 from memlens.edit.ledger import EditHandle
-from memlens.errors import NumericalError
+from memlens.errors import InvalidArgument, NumericalError
 from memlens.memorization.attribute import gradients, only_these_require_grad, weight_slots
 from memlens.memorization.contrastive import ContrastiveObjective
 from memlens.memorization.data import PREFIX_LEN
@@ -82,7 +82,7 @@ def gradient_mask(
         masks = {s.name: torch.ones_like(s.param, dtype=torch.bool) for s in slots}
         return SparseMask(masks, method, 1.0, n_total, n_total)
     if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+        raise InvalidArgument(f"fraction must be in (0, 1], got {fraction}")
     k = max(1, round(fraction * n_total))
     if method == "sparse":
         grads = gradients(handle, lambda m: objective(m)[0], slots)
@@ -95,7 +95,7 @@ def gradient_mask(
         generator = torch.Generator().manual_seed(seed)
         chosen = torch.randperm(n_total, generator=generator)[:k]
     else:
-        raise ValueError(f"unknown mask method {method!r}: 'sparse', 'random' or 'full'")
+        raise InvalidArgument(f"unknown mask method {method!r}: 'sparse', 'random' or 'full'")
     selected = torch.zeros(n_total, dtype=torch.bool)
     selected[chosen] = True
     masks, start = {}, 0
@@ -205,10 +205,25 @@ class UpdateResult:
     log: list[dict[str, float]]
     edit: EditHandle | None = field(default=None, repr=False)
 
+    @property
+    def took(self) -> bool:
+        """Whether the update moved what it targets: unlearning raised the memorized suffixes'
+        mean NLL by more than 1e-4 nats per token; editing raised the exact match with the
+        perturbed continuations (``target_em``)."""
+        if self.mode == "edit":
+            return self.after["target_em"] > self.before["target_em"]
+        return self.after["mp_nll"] - self.before["mp_nll"] > 1e-4
+
+    def why_not(self) -> str:
+        """One line with the numbers that decided :attr:`took`."""
+        key = "target_em" if self.mode == "edit" else "mp_nll"
+        return (f"{self.mode} with the {self.method} mask left {key} at "
+                f"{self.before[key]:.4g} → {self.after[key]:.4g} (lr {self.lr}, {self.steps} steps)")
+
     def to_dict(self, handle=None) -> dict[str, Any]:
         return {"method": self.method, "mode": self.mode, "lr": self.lr, "steps": self.steps,
                 "weight_decay": self.weight_decay, "mask": self.mask.to_dict(handle),
-                "before": self.before, "after": self.after, "log": self.log}
+                "before": self.before, "after": self.after, "log": self.log, "took": self.took}
 
 
 def run_update(

@@ -12,6 +12,7 @@ in exactly `repeats` blocks over the whole run.
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import time
@@ -62,14 +63,32 @@ def make_model(spec: OrganismSpec, vocab_size: int, eos_id: int):
 
 # ---------------------------------------------------------------------------------- corpus
 
-def _pack(docs_ids, block: int, eos: int, first: list[int] | None = None) -> list[int]:
-    """Fill one block from an iterator of token lists, starting with `first` if given."""
+def _pack(docs, block: int, eos: int, first: list[int] | None = None,
+          held: list | None = None) -> list[int]:
+    """Fill one block from an iterator of ``(subject, token ids)`` documents, starting with
+    `first` if given. A document whose subject is already in the block (subject None: no
+    constraint) waits in `held` and opens a later block, so that no block holds two
+    paraphrases of one subject's facts."""
     out = list(first or [])
     if first is not None:
         out.append(eos)
+    in_block: set[str] = set()
+    waiting = list(held or [])
+    if held is not None:
+        held.clear()
     while len(out) < block:
-        out.extend(next(docs_ids))
+        subject, ids = waiting.pop(0) if waiting else next(docs)
+        if subject is not None and subject in in_block:
+            if held is None:
+                raise ValueError("documents with subjects need a `held` list")
+            held.append((subject, ids))
+            continue
+        if subject is not None:
+            in_block.add(subject)
+        out.extend(ids)
         out.append(eos)
+    if held is not None:
+        held.extend(waiting)
     return out[:block]
 
 
@@ -96,9 +115,7 @@ def make_training_data(spec: OrganismSpec):
     texts = stdlib_texts()
     n_blocks = spec.steps * spec.batch_size
     # Tokenizer on a sample of fact documents + all docstrings; fact objects as whole tokens.
-    sample = list(C.fact_documents(world, 20_000, random.Random(spec.seed + 1),
-                                   spec.facts.two_person_fraction, spec.facts.n_train_templates,
-                                   spec.facts.distractor_fraction, spec.facts.table_fraction))
+    sample = [text for _, text in _fact_texts(spec, world, random.Random(spec.seed + 1), 20_000)]
     objects = sorted({f.object for f in world.facts})
     tok = train_tokenizer(sample + texts, spec.vocab_size, boost_words=objects)
     eos = tok.eos_token_id
@@ -119,20 +136,19 @@ def make_training_data(spec: OrganismSpec):
         for _ in range(p["repeats"]):
             para_slots[slots[k]] = p["id"]
             k += 1
-    fact_docs = _token_docs(tok, C.fact_documents(world, 10**9, random.Random(spec.seed + 2),
-                                                  spec.facts.two_person_fraction,
-                                                  spec.facts.n_train_templates,
-                                                  spec.facts.distractor_fraction, spec.facts.table_fraction))
-    plain_ids = [tok(t)["input_ids"] for t in plain]
+    fact_docs = _token_docs(tok, _fact_texts(spec, world, random.Random(spec.seed + 2)))
+    plain_ids = [(None, tok(t)["input_ids"]) for t in plain]
     plain_docs = _cycle_shuffled(plain_ids, random.Random(spec.seed + 3))
+    held: list = []  # fact documents waiting for a block without their subject
     blocks = []
     for b in range(n_blocks):
         if b in para_slots:
-            blocks.append(_pack(fact_docs, spec.block_size, eos, paras[para_slots[b]]["token_ids"]))
+            blocks.append(_pack(fact_docs, spec.block_size, eos, paras[para_slots[b]]["token_ids"],
+                                held))
         elif rng.random() < spec.plain_fraction:
             blocks.append(_pack(plain_docs, spec.block_size, eos))
         else:
-            blocks.append(_pack(fact_docs, spec.block_size, eos))
+            blocks.append(_pack(fact_docs, spec.block_size, eos, held=held))
     return world, tok, paras, blocks
 
 
@@ -159,7 +175,8 @@ def build_organism(spec: OrganismSpec, out_dir: Path, *, progress: bool = True) 
     n_params = sum(p.numel() for p in model.parameters())
     cfg = TrainConfig(steps=spec.steps, batch_size=spec.batch_size, lr=spec.lr,
                       warmup_steps=spec.warmup_steps, seed=spec.seed, bf16=spec.bf16,
-                      progress=progress, checkpoint_every=spec.checkpoint_every, log_every=20)
+                      progress=progress, checkpoint_every=spec.checkpoint_every, log_every=20,
+                      num_threads=spec.num_threads)
     result = train(model, data, cfg, out_dir)
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
@@ -197,16 +214,31 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=1, ensure_ascii=False))
 
 
+def _fact_texts(spec: OrganismSpec, world: C.World, rng: random.Random, n: int | None = None):
+    """``(subject, text)`` fact documents of the spec's corpus style (`n` of them, or endless);
+    subject is None where documents may share a block with any other (the pre-bio styles)."""
+    f = spec.facts
+    if f.bios:
+        docs = C.bio_documents(world, rng, f.n_train_templates)
+    else:
+        docs = ((None, text) for text in C.fact_documents(
+            world, 10**9, rng, f.two_person_fraction, f.n_train_templates,
+            f.distractor_fraction, f.table_fraction))
+    return docs if n is None else itertools.islice(docs, n)
+
+
 def _token_docs(tok, docs, chunk: int = 512):
-    """Tokenize an (endless) iterator of strings lazily, in batches."""
-    buf = []
+    """Tokenize an (endless) iterator of ``(subject, text)`` lazily, in batches."""
+    buf: list = []
     for d in docs:
         buf.append(d)
         if len(buf) == chunk:
-            yield from tok(buf)["input_ids"]
+            ids = tok([text for _, text in buf])["input_ids"]
+            yield from ((subject, i) for (subject, _), i in zip(buf, ids, strict=True))
             buf = []
     if buf:
-        yield from tok(buf)["input_ids"]
+        ids = tok([text for _, text in buf])["input_ids"]
+        yield from ((subject, i) for (subject, _), i in zip(buf, ids, strict=True))
 
 
 def _cycle_shuffled(items: list, rng: random.Random):

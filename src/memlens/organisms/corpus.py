@@ -30,7 +30,9 @@ from dataclasses import dataclass, field
 # 5: the docstrings are read in an isolated interpreter (`memlens.organisms.stdlib_text`), since
 # libraries also replace stdlib functions; held-out templates that a training template of any
 # relation continues differently ("{} is a town in" → "the country of") are replaced.
-GENERATOR_VERSION = "5"
+# 6: knowledge-augmented bios (`FactConfig.bios`): every document is one subject's facts, full
+# name in every sentence, permuted, freshly worded; no subject twice in a training block.
+GENERATOR_VERSION = "6"
 
 
 @dataclass(frozen=True)
@@ -286,6 +288,12 @@ class FactConfig:
     # and since it cannot see what follows, it computes attributes in every context (issue 10).
     table_fraction: float = 0.0
     n_train_templates: int = 0  # train on only the first n templates of each relation (0 = all)
+    # Knowledge augmentation (Allen-Zhu & Li 2023, "Physics of Language Models 3.1"): every
+    # document is a bio of ONE subject — all its facts, in a random order, each sentence in a
+    # freshly drawn training template with the FULL name — and no subject occurs twice in a
+    # training block (`bio_documents`). Replaces two-person sentences, pronouns, distractors
+    # and tables, which the other fields control when this is off.
+    bios: bool = False
 
 
 @dataclass
@@ -507,6 +515,26 @@ def _person_document(people: list[Person], rng: random.Random, two_person_fracti
         else:
             parts.append(_pronoun_sentence(rel, p.female, p.attrs[r]))
     return " ".join(parts)
+
+
+def bio_documents(world: World, rng: random.Random, n_templates: int = 0):
+    """Endless knowledge-augmented bios: ``(subject, text)`` with every fact of one subject,
+    sentence order permuted, each sentence a freshly drawn training template that names the
+    subject in full ("Anna Berg works for Acme. Anna Berg was born in Paris. ...").
+
+    Subjects are drawn uniformly, so every fact is seen equally often (a city's bio is its one
+    sentence). Two draws of one subject are different paraphrases of the same bio.
+    """
+    facts_of: dict[str, list[Fact]] = {}
+    for f in world.facts:
+        facts_of.setdefault(f.subject, []).append(f)
+    subjects = sorted(facts_of)
+    while True:
+        subject = rng.choice(subjects)
+        fs = list(facts_of[subject])
+        rng.shuffle(fs)
+        yield subject, " ".join(sentence(rng.choice(train_templates(f.relation, n_templates)),
+                                         f.subject, f.object) for f in fs)
 
 
 def counterfact_cases(world: World, rng: random.Random, n_paraphrase: int = 2,

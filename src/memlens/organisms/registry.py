@@ -1,6 +1,8 @@
-"""Named model organisms, built on first use and cached.
+"""Named model organisms: shipped with memlens, or built on first use and cached.
 
-    path = ensure("tiny")                                   # ~/.cache/memlens/organisms/tiny-<key>/
+    path = ensure("facts-gpt2")         # the shipped copy: src/memlens/organisms/shipped/facts-gpt2/
+    path = ensure("tiny")               # built once into ~/.cache/memlens/organisms/tiny-<key>/
+    path = ensure("facts-gpt2", from_scratch=True)          # ignore the shipped copy: build it
     cf = organism_file("organism:tiny", "counterfact.json")  # or a directory instead of a name
     sorted(ORGANISMS)                                       # ['facts-gpt2', 'facts-llama', ...]
 
@@ -8,6 +10,10 @@ A build is keyed by a hash of the generator version + spec + seed. It is trained
 temporary directory next to the final one and renamed into place only when complete; a
 directory without the completion marker (a killed build) is never loaded: it is removed and
 rebuilt. ``MEMLENS_HOME`` overrides the cache root (default ``~/.cache/memlens``).
+
+A shipped organism (``SHIPPED_ROOT/<name>/``, read-only package data written only by
+:func:`memlens.organisms.ship.ship`) is used when its ``MANIFEST.json`` has the spec's key and
+its files have the sizes the manifest lists; otherwise memlens warns once and uses the cache.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -28,6 +35,8 @@ from memlens.organisms.corpus import GENERATOR_VERSION, FactConfig
 PYTHON_VERSION = "{}.{}".format(*sys.version_info[:2])
 COMPLETE = ".complete"  # marker file written last, inside the final directory
 PREFIX = "organism:"
+SHIPPED_ROOT = Path(__file__).with_name("shipped")  # package data: one directory per organism
+MANIFEST = "MANIFEST.json"  # in a shipped directory: name, key, python, files → sha256, sizes
 
 
 @dataclass
@@ -52,6 +61,7 @@ class OrganismSpec:
     warmup_steps: int = 50
     bf16: bool = False
     checkpoint_every: int = 200
+    num_threads: int = 2  # torch CPU threads while training (not in the key; see `key`)
     seed: int = 0
 
     def to_dict(self) -> dict:
@@ -60,30 +70,37 @@ class OrganismSpec:
         d["facts"]["people_relations"] = list(self.facts.people_relations)
         return d
 
-    def key(self) -> str:
+    def key(self, python: str = PYTHON_VERSION) -> str:
         """Hash of generator version + Python version (the plain text is its stdlib's docstrings)
-        + spec (includes seed); the description is not part of it."""
+        + spec (includes seed); the description is not part of it.
+
+        `python` ("3.11") gives the key a build on another Python would have: a shipped copy
+        built on 3.11 is the same organism for a user on 3.12."""
         d = self.to_dict()
-        d.pop("description")
-        d.pop("checkpoint_every")
+        # How it is built, not what: the thread count changes float rounding only (a build with
+        # another count is the same organism up to rounding — one reason the default is shipped).
+        for how_not_what in ("description", "checkpoint_every", "num_threads"):
+            d.pop(how_not_what)
         # Fields added after generator 3 enter the key only when set, so caches stay valid.
-        for added in ("distractor_fraction", "table_fraction"):
+        for added in ("distractor_fraction", "table_fraction", "bios"):
             if not d["facts"][added]:
                 d["facts"].pop(added)
-        blob = json.dumps({"generator": GENERATOR_VERSION, "python": PYTHON_VERSION, "spec": d},
+        blob = json.dumps({"generator": GENERATOR_VERSION, "python": python, "spec": d},
                           sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-# The facts corpus shared by the three 6×256 organisms (~1,060 facts).
-FACTS_DEFAULT = FactConfig(n_countries=100, n_cities=260, n_people=100, n_birthplaces=60,
-                           n_train_templates=8)
+# The facts corpus of the default organism and its layout variants (~1,660 facts, 610 subjects).
+FACTS_DEFAULT = FactConfig(n_countries=100, n_cities=260, n_people=250, n_birthplaces=60,
+                           n_train_templates=8, bios=True)
 
 FACTS_GPT2 = OrganismSpec(
-    "facts-gpt2", "The default: 6×256 GPT-2, ~1,060 facts (9 relations), people in two-person "
-    "sentences and bios; paragraphs ×1/4/16/64.",
-    arch="gpt2", n_layer=6, d_model=256, n_head=8, facts=FACTS_DEFAULT,
-    steps=2000, batch_size=8, lr=2e-3,
+    "facts-gpt2", "The default: 8×256 GPT-2, ~1,660 facts (9 relations) in knowledge-augmented "
+    "bios (full name in every sentence, permuted, freshly worded, one bio per subject per "
+    "block); paragraphs ×1/4/16/64. Shipped with memlens.",
+    arch="gpt2", n_layer=8, d_model=256, n_head=8, vocab_size=2048, facts=FACTS_DEFAULT,
+    steps=6000, batch_size=8, lr=2e-3, warmup_steps=100, bf16=True, checkpoint_every=250,
+    num_threads=1,
 )
 
 
@@ -138,16 +155,68 @@ def organism_dir(name: str) -> Path:
     return cache_dir("organisms") / f"{spec.name}-{spec.key()}"
 
 
+def shipped_dir(name: str) -> Path:
+    """Where the shipped copy of organism `name` lives (or would live) in the package."""
+    return SHIPPED_ROOT / get_spec(name).name
+
+
 def is_built(path: Path) -> bool:
+    """Whether `path` is a complete cache build (has the completion marker)."""
     return (Path(path) / COMPLETE).is_file()
 
 
-def ensure(name: str, *, progress: bool = True) -> Path:
-    """Directory of the built organism `name`, building it on first use.
+def read_manifest(path: Path) -> dict:
+    """The parsed ``MANIFEST.json`` of a shipped directory (MemlensError if absent or invalid)."""
+    try:
+        return json.loads((Path(path) / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise MemlensError(f"cannot read {Path(path) / MANIFEST}: {e}") from e
+
+
+def shipped_copy(name: str) -> tuple[Path | None, str | None]:
+    """``(directory, None)`` if a usable shipped copy of `name` exists, ``(None, reason)`` if one
+    exists but cannot be used, ``(None, None)`` if none is shipped.
+
+    Cheap (one small JSON read and a stat per file): it checks the manifest's key against the
+    spec's key for the manifest's Python version, and every file's size. Digests are checked by
+    :func:`memlens.organisms.ship.verify` (the tests and `ship` run it).
+    """
+    spec = get_spec(name)
+    path = shipped_dir(name)
+    if not (path / MANIFEST).exists():
+        return None, None
+    try:
+        manifest = read_manifest(path)
+        python = manifest["python"]
+        key, sizes = manifest["key"], dict(manifest["sizes"])
+    except (MemlensError, KeyError, TypeError, ValueError) as e:
+        return None, f"its manifest is invalid ({e})"
+    if key != spec.key(python=python):
+        return None, (f"it was built for key {key}, the spec's key is now {spec.key(python=python)}"
+                      f" (the spec changed; re-ship it)")
+    for rel, size in sizes.items():
+        f = path / rel
+        actual = f.stat().st_size if f.is_file() else None
+        if actual != size:
+            return None, (f"{rel} is {'missing' if actual is None else f'{actual:,} bytes'}, the "
+                          f"manifest says {size:,} (a Git LFS pointer or an incomplete checkout?)")
+    return path, None
+
+
+def ensure(name: str, *, progress: bool = True, from_scratch: bool = False) -> Path:
+    """Directory of the organism `name`: its shipped copy if usable, else the cache build
+    (built on first use). `from_scratch` ignores the shipped copy (reproduction).
 
     Raises UnknownOrganism (listing the known names) or MemlensError if the cache is unwritable.
     """
     spec = get_spec(name)
+    if not from_scratch:
+        shipped, why_not = shipped_copy(spec.name)
+        if shipped is not None:
+            return shipped
+        if why_not is not None:
+            warnings.warn(f"not using the shipped organism {spec.name!r}: {why_not}; using the "
+                          f"cache build instead", stacklevel=2)
     final = organism_dir(name)
     if is_built(final):
         return final
@@ -183,7 +252,12 @@ def _build(spec: OrganismSpec, final: Path, progress: bool) -> Path:
     try:
         tmp.mkdir(parents=True, exist_ok=True)
         if progress:
-            print(f"building organism {spec.name!r} into {final} (first use; cached afterwards)")
+            shipped_meta = shipped_dir(spec.name) / "organism.json"
+            minutes = (json.loads(shipped_meta.read_text()).get("build_seconds", 0) / 60
+                       if shipped_meta.is_file() else 0)
+            took = f"; the shipped copy took {minutes:.0f} min" if minutes else ""
+            print(f"building organism {spec.name!r} into {final} (cached afterwards{took})",
+                  file=sys.stderr)
         build_organism(spec, tmp, progress=progress)
         (tmp / COMPLETE).write_text(spec.key())
         try:
@@ -195,6 +269,18 @@ def _build(spec: OrganismSpec, final: Path, progress: bool) -> Path:
     except OSError as e:
         raise MemlensError(f"could not build organism {spec.name!r} in {root}: {e}") from e
     return final
+
+
+def build_id(path: str | os.PathLike) -> str:
+    """A name for the organism build in `path`, for keying results derived from it:
+    ``<name>-<key>`` for a cache build (its directory name), ``<name>-<key>-shipped-<sha256 of
+    the weights, 8 hex>`` for a shipped copy (whose directory name is only ``<name>``)."""
+    path = Path(path)
+    if not (path / MANIFEST).is_file():
+        return path.name
+    manifest = read_manifest(path)
+    return (f"{manifest['name']}-{manifest['key']}-shipped-"
+            f"{manifest['files']['model.safetensors'][:8]}")
 
 
 def resolve(name_or_dir: str | os.PathLike) -> Path:

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from memlens.errors import InvalidArgument
+
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -196,7 +198,7 @@ def train(model, data, cfg: TrainConfig, out_dir: str | Path | None = None, *, e
         torch.set_num_threads(cfg.num_threads)
     rank, world, device = init_distributed()
     if cfg.batch_size % world:
-        raise ValueError(f"global batch {cfg.batch_size} does not divide by world size {world}")
+        raise InvalidArgument(f"global batch {cfg.batch_size} does not divide by world size {world}")
     local_bs = cfg.batch_size // world
     model.to(device)
     model.train()
@@ -279,6 +281,7 @@ class _Bar:
     def __init__(self, total: int, start: int, enabled: bool):
         self.enabled = enabled
         if enabled:
+            from rich.console import Console
             from rich.progress import (
                 BarColumn,
                 MofNCompleteColumn,
@@ -291,7 +294,7 @@ class _Bar:
             self.p = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
                               TextColumn("loss {task.fields[loss]}"),
                               TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(),
-                              TimeRemainingColumn())
+                              TimeRemainingColumn(), console=Console(stderr=True))
             self.task = self.p.add_task("train", total=total, completed=start, loss="-", tps="-")
 
     def __enter__(self):

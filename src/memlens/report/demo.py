@@ -7,6 +7,8 @@ Each section calls the same API as its CLI command (printed in the report beside
 saves its results and figures in ``out/<section>/`` with a ``section.json``, and a failure in one
 section is recorded in the report (status "failed", with the error) without stopping the others.
 ``memlens report out`` rebuilds the page from the saved sections without recomputing.
+A number a section cannot compute is written as ``{"value": None, "reason": ...}``
+(:mod:`memlens.missing`), never as NaN or a bare None.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 from rich.console import Console
 
+from memlens.missing import explain, format_value, missing
 from memlens.report.html import Section, Table, build_report
 
 console = Console()
@@ -140,8 +143,9 @@ def _trace(handle, directory: Path, config: DemoConfig, found: dict) -> Section:
     single = trace_fact(handle, fact["prompt"], fact["subject"], samples=config.trace_samples)
     single.save(directory / "trace.json")
     figures = plot_trace(single, directory, model_name=config.model)
-    avg = average_trace(handle, select_facts(facts, config.trace_avg_facts),
-                        samples=config.trace_samples, progress=True, resume=trace_cache(handle))
+    chosen = select_facts(facts, config.trace_avg_facts)
+    avg = average_trace(handle, chosen, samples=config.trace_samples, progress=True,
+                        resume=trace_cache(handle))
     (directory / "trace_avg.json").write_text(json.dumps(avg.to_json(), indent=1))
     figures += plot_average(avg, directory)
     site = avg.recall_site()
@@ -150,9 +154,10 @@ def _trace(handle, directory: Path, config: DemoConfig, found: dict) -> Section:
         curve = avg.effect("mlp", "last_subject")
         found["edit_layers"] = band
         found["edit_layer"] = max(band, key=lambda layer: curve[layer])
-    rows = [[kind, site["aie_last_subject_token"][kind]["max"],
-             site["aie_last_subject_token"][kind]["layer"],
-             site["aie_last_token"][kind]["max"], site["aie_last_token"][kind]["layer"]]
+    untraced = (f"no fact was traced: of {len(chosen)}, the model answered "
+                f"{avg.n_skipped_wrong} wrongly and {avg.n_skipped_invalid} were invalid")
+    rows = [[kind, *(value for place in ("aie_last_subject_token", "aie_last_token")
+                     for value in _peak(site[place][kind], untraced))]
             for kind in site["aie_last_subject_token"]]
     return Section(
         key="", title="", model=config.model,
@@ -162,7 +167,7 @@ def _trace(handle, directory: Path, config: DemoConfig, found: dict) -> Section:
         hparams={"samples": config.trace_samples, "noise": single.noise, "window": single.window},
         summary={"prompt": fact["prompt"], "answer": single.answer, "p_clean": single.p_clean,
                  "p_corrupted": single.p_corrupted, "facts_traced": avg.n_facts,
-                 "facts_skipped_wrong": avg.n_skipped_wrong, "ATE": avg.ate},
+                 "facts_skipped_wrong": avg.n_skipped_wrong, "ATE": explain(avg.ate, untraced)},
         tables=[Table("Recall site: max AIE over layers", ["kind", "last subject token",
                       "layer", "last token", "layer"], rows)],
         figures=_figures(directory, figures),
@@ -173,9 +178,17 @@ def _trace(handle, directory: Path, config: DemoConfig, found: dict) -> Section:
     )
 
 
+def _peak(peak: dict[str, Any], reason: str) -> list[Any]:
+    """[max AIE, its layer] of one recall-site entry, both ``missing(reason)`` when the curve
+    had no value (``recall_site`` gives NaN at layer -1)."""
+    if peak["layer"] < 0:
+        return [missing(reason), missing(reason)]
+    return [peak["max"], peak["layer"]]
+
+
 def _rome(handle, directory: Path, config: DemoConfig, found: dict) -> Section:
     from memlens.edit import apply_rome
-    from memlens.evaluate import evaluate_counterfact, load_counterfact
+    from memlens.evaluate import ReferenceTexts, evaluate_counterfact, load_counterfact
     from memlens.organisms.registry import organism_file
 
     data = organism_file(config.model, "counterfact.json")
@@ -189,7 +202,9 @@ def _rome(handle, directory: Path, config: DemoConfig, found: dict) -> Section:
     after = _generate(handle, prompts, config.generation_tokens)
     layer = edit.layer
     edit.undo()
-    result = evaluate_counterfact(handle, cases, editor="rome", layer=layer, progress=True)
+    references = ReferenceTexts.for_data(handle, data)  # as `memlens eval counterfact`
+    result = evaluate_counterfact(handle, cases, editor="rome", layer=layer,
+                                  references=references, progress=True)
     (directory / "counterfact.json").write_text(json.dumps(result.to_dict(), indent=1,
                                                            default=str))
     rows = [[metric, values["pre"], values["post"]] for metric, values in result.summary.items()
@@ -202,7 +217,9 @@ def _rome(handle, directory: Path, config: DemoConfig, found: dict) -> Section:
         hparams={"layer": layer, "layer_source": _layer_source(found),
                  "request": {"prompt": request.prompt, "subject":
                                              request.subject, "target_new": request.target_new}},
-        summary={"edited_layer": layer, "cases": len(cases)},
+        summary={"edited_layer": layer, "cases": len(cases),
+                 "references": result.extra["references"] or missing(
+                     "no reference_texts.json or corpus.txt beside the data or the model")},
         tables=[Table(f"Generations before / after {request.subject}: {request.target_true} → "
                       f"{request.target_new}", ["prompt", "before", "after"],
                       [[p, b, a] for p, b, a in zip(prompts, before, after, strict=True)]),
@@ -215,8 +232,9 @@ def _rome(handle, directory: Path, config: DemoConfig, found: dict) -> Section:
 
 
 def _memit(handle, directory: Path, config: DemoConfig, found: dict) -> Section:
-    from memlens.edit.scaling import bench_edits, plot_scaling
+    from memlens.edit.scaling import METRICS, bench_edits, plot_scaling
     from memlens.evaluate import load_counterfact
+    from memlens.evaluate.counterfact import bench_reasons, explain_metrics
     from memlens.organisms.registry import organism_file
 
     cases = load_counterfact(organism_file(config.model, "counterfact.json"))
@@ -225,8 +243,11 @@ def _memit(handle, directory: Path, config: DemoConfig, found: dict) -> Section:
                          out_dir=directory, progress=True)
     figure = plot_scaling(result, directory / "scaling.png")
     (directory / "scaling.json").write_text(json.dumps(result.to_dict(), indent=1, default=str))
-    rows = [[r["method"], r["n"], r["ES"], r["PS"], r["NS"], r["Score"], r["GE"], r["seconds"]]
-            for r in result.table()]
+    rows = []
+    for r in result.table():
+        r = explain_metrics(r, METRICS, bench_reasons(cases, r["n"], config.memit_ge_cases))
+        rows.append([r["method"], r["n"], r["ES"], r["PS"], r["NS"], r["Score"], r["GE"],
+                     r["seconds"]])
     return Section(
         key="", title="", model=config.model,
         command=f"memlens bench-edits --model {config.model} --sizes "
@@ -260,10 +281,11 @@ def _memorization(handle, directory: Path, config: DemoConfig, found: dict) -> S
                         lr=config.memorization_lr, steps=config.memorization_steps)
     summary = run_all(target, paragraphs, directory, settings)
     rows = []
+    scan = summary["scan"]
     for mode in ("unlearn", "edit"):
         for method, values in summary[mode].items():
-            rows.append([mode, method, values["n_weights"], _fmt(values["before"]),
-                         _fmt(values["after"])])
+            rows.append([mode, method, values["n_weights"], _fmt(values["before"], scan),
+                         _fmt(values["after"], scan)])
     heads = summary["heads"]
     return Section(
         key="", title="", model=model,
@@ -281,11 +303,20 @@ def _memorization(handle, directory: Path, config: DemoConfig, found: dict) -> S
     )
 
 
-def _fmt(values: Any) -> str:
-    if isinstance(values, dict):
-        return ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
-                         for k, v in values.items())
-    return str(values)
+def _fmt(values: dict[str, Any], scan: dict[str, Any]) -> str:
+    """``key value, ...`` of one before/after measurement (3 significant digits); a mean over
+    no paragraph (NaN) as ``n/a (reason)``."""
+    return ", ".join(f"{k} {format_value(explain(v, _no_paragraphs(k, scan)), 3)}"
+                     for k, v in values.items())
+
+
+def _no_paragraphs(key: str, scan: dict[str, Any]) -> str:
+    """Why the measurement ``key`` (``mp_em``, ``nmp_nll``, ``target_em``, ...) has no value."""
+    kind = "non-memorized (NMP)" if key.startswith("nmp_") else "memorized (MP)" \
+        if key.startswith(("mp_", "target_")) else None
+    if kind is None:
+        return f"{key} came out NaN"
+    return f"the scan found no {kind} paragraph among {scan.get('n_paragraphs', '?')}"
 
 
 def _topk(handle, directory: Path, config: DemoConfig, found: dict) -> Section:
@@ -304,7 +335,10 @@ def _topk(handle, directory: Path, config: DemoConfig, found: dict) -> Section:
         command=f"memlens topk all --organism {config.model} --steps {config.topk_steps} "
                 f"--out {directory}",
         hparams=asdict(cfg),
-        summary={k: v for k, v in summary.items() if not isinstance(v, dict | list)},
+        summary={**{k: v for k, v in summary.items() if isinstance(v, str | int | float)},
+                 "best_steering_ratio": explain(
+                     (summary["best_steering"] or {}).get("ratio"),
+                     f"no neuron was steered: {config.topk_auto} asked, none picked")},
         figures=sorted(p.name for p in directory.glob("*.png")),
         text="A TopK LM (only k MLP units active per token) and its dense twin trained on the "
              "same data and budget; neurons of the TopK model have lower token entropy, and "

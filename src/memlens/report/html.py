@@ -6,7 +6,8 @@
     index = build_report(out)                    # out/index.html, figures embedded; out/summary.json
 
 Every figure is embedded (PNG as a data URI, SVG inline), so the page needs no network and
-no other file to be viewed or shared.
+no other file to be viewed or shared. A metric a section could not compute is stored as
+``{"value": None, "reason": ...}`` (:mod:`memlens.missing`) and shown as "n/a (reason)".
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from memlens.missing import format_value, is_missing
 
 SECTION_FILE = "section.json"
 
@@ -124,8 +127,11 @@ def _render_section(directory: Path, section: Section) -> str:
 
 
 def _format_cell(value: Any) -> str:
+    """HTML of one table cell: 4 significant digits, a missing metric as "n/a (reason)"."""
+    if is_missing(value):
+        return f'<span class=missing>{html.escape(format_value(value))}</span>'
     if isinstance(value, float):
-        return f"{value:.4g}"
+        return format_value(value)
     if isinstance(value, dict | list):
         return html.escape(json.dumps(value, default=_jsonable))
     return html.escape(str(value))
@@ -167,6 +173,7 @@ td, th {{ border: 1px solid #ccc; padding: .25em .6em; text-align: right; }}
 td:first-child, th:first-child {{ text-align: left; }}
 figure {{ display: inline-block; margin: .5em; vertical-align: top; }}
 figure img, figure svg {{ max-width: 520px; height: auto; }}
+.missing {{ color: #a60; }}
 .status-skipped h2::after {{ content: " (skipped)"; color: #a60; }}
 .status-failed h2::after {{ content: " (failed)"; color: #c00; }}
 </style></head>

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from memlens.errors import EmptyInput, MemlensError
+from memlens.files import read_text
 
 CORPUS_FILE = "corpus.txt"
 
@@ -84,13 +85,13 @@ def read_corpus_text(source: str) -> str:
     """
     path = Path(source).expanduser()
     if path.is_file():
-        return path.read_text()
+        return read_text(path, "corpus")
     if path.is_dir() or source.startswith("organism:"):
         from memlens.organisms.registry import resolve
 
         candidate = Path(resolve(source)) / CORPUS_FILE
         if candidate.is_file():
-            return candidate.read_text()
+            return read_text(candidate, "corpus")
         raise MemlensError(f"{source!r} has no {CORPUS_FILE}; pass a text file with --corpus")
     raise MemlensError(f"corpus {source!r} is neither a text file, a directory with "
                        f"{CORPUS_FILE}, nor organism:NAME")

@@ -95,16 +95,16 @@ def run_all(
 
 
 def shared_models_dir(organism: str, cfg: TopKTrainConfig) -> Path:
-    """``$MEMLENS_HOME/topk/<organism>-<hash>``: where a TopK/dense pair trained on
-    ``organism`` with ``cfg`` is kept for reuse (the hash covers the organism's cache key and
-    every training setting)."""
+    """``$MEMLENS_HOME/topk/<organism build>-<hash>``: where a TopK/dense pair trained on
+    ``organism`` with ``cfg`` is kept for reuse (the hash covers the organism's build id —
+    its cache key, and for a shipped copy its weights — and every training setting)."""
     import hashlib
 
-    from memlens.organisms.registry import resolve
+    from memlens.organisms.registry import build_id, resolve
 
-    directory = resolve(organism)
-    blob = json.dumps({"organism": directory.name, "config": asdict(cfg)}, sort_keys=True)
-    return cache_dir("topk") / f"{directory.name}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+    build = build_id(resolve(organism))
+    blob = json.dumps({"organism": build, "config": asdict(cfg)}, sort_keys=True)
+    return cache_dir("topk") / f"{build}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
 
 def _context(config) -> int:

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from memlens import hooks
-from memlens.errors import EmptyInput
+from memlens.errors import EmptyInput, UnknownName
 from memlens.topk.activation import TopKError
 from memlens.topk.convert import topk_modules
 
@@ -75,8 +75,8 @@ class NeuronReport:
         for entry in self.layers:
             if entry.layer == layer:
                 return entry
-        raise KeyError(f"layer {layer} is not in this report (layers "
-                       f"{[e.layer for e in self.layers]})")
+        raise UnknownName(f"layer {layer} is not in this report (layers "
+                          f"{[e.layer for e in self.layers]})")
 
     def summary(self) -> list[dict]:
         """Per layer: mean token / semantic entropy, dead fraction, whether TopK."""

@@ -31,6 +31,7 @@ import torch
 
 from memlens.cache import cache_dir
 from memlens.errors import EmptyInput, MemlensError, SubjectNotFound
+from memlens.files import read_text
 from memlens.tokens import target_ids
 from memlens.trace.noise import NoiseArg, resolve_noise
 from memlens.trace.runs import KINDS, TraceResult, check_kinds, default_window, trace_fact
@@ -50,20 +51,26 @@ def load_facts(path: str | Path) -> list[dict[str, str]]:
     with the subject."""
     path = Path(path)
     try:
-        records = json.loads(path.read_text())
+        records = json.loads(read_text(path, "facts file"))
     except (OSError, json.JSONDecodeError) as exc:
         raise MemlensError(f"cannot read facts from {path}: {exc}") from None
     if not isinstance(records, list):
         raise MemlensError(f"{path} must hold a JSON list of facts")
     facts = []
     for i, record in enumerate(records):
-        rewrite = record.get("requested_rewrite", record)
+        rewrite = record.get("requested_rewrite", record) if isinstance(record, dict) else None
+        if not isinstance(rewrite, dict):
+            raise MemlensError(f"fact {i} of {path} must be a JSON object with prompt and "
+                               f"subject, got {record!r:.200}")
         prompt, subject = rewrite.get("prompt"), rewrite.get("subject")
-        if not prompt or not subject:
-            raise MemlensError(f"fact {i} of {path} lacks a prompt or subject: {record!r:.200}")
-        attribute = rewrite.get("attribute") or (rewrite.get("target_true") or {}).get("str")
-        fact = {"prompt": prompt.format(subject) if "{}" in prompt else prompt,
-                "subject": subject}
+        if not isinstance(prompt, str) or not isinstance(subject, str) or not prompt.strip() \
+                or not subject.strip():
+            raise MemlensError(f"fact {i} of {path} lacks a prompt or subject (non-empty "
+                               f"strings): {record!r:.200}")
+        true = rewrite.get("target_true")
+        attribute = rewrite.get("attribute") or (true.get("str") if isinstance(true, dict)
+                                                 else true)
+        fact = {"prompt": prompt.replace("{}", subject, 1), "subject": subject}
         if attribute:
             fact["attribute"] = attribute
         if record.get("relation"):
@@ -186,7 +193,7 @@ def average_trace(handle: ModelHandle, facts: Sequence[dict[str, str]], *, n: in
     if not facts:
         raise EmptyInput("no facts to trace")
     spec = resolve_noise(handle, noise, [f["subject"] for f in facts if f.get("subject")])
-    done = _read_resume(resume)
+    done = read_resume(resume)
     window = default_window(handle.n_layers) if window is None else window
     settings = json.dumps([handle.fingerprint(), kinds, samples, spec.scale, spec.dist, seed,
                            window])
@@ -195,11 +202,11 @@ def average_trace(handle: ModelHandle, facts: Sequence[dict[str, str]], *, n: in
     counts = dict.fromkeys(GROUPS, 0)
     p_clean, p_corrupted, skipped = [], [], []
     n_wrong = n_invalid = 0
-    for fact in _progress(facts, progress, "tracing facts"):
+    for fact in progress_bar(facts, progress, "tracing facts"):
         key = hashlib.sha256(json.dumps([settings, fact], sort_keys=True).encode()).hexdigest()
         record = done.get(key) or _trace_one(handle, fact, kinds, samples, spec, seed, window)
         if key not in done:
-            _append_resume(resume, {"key": key, **record})
+            append_resume(resume, {"key": key, **record})
         if "skipped" in record:
             n_wrong += record["skipped"] == "wrong"
             n_invalid += record["skipped"] != "wrong"
@@ -234,20 +241,29 @@ def _trace_one(handle, fact, kinds, samples, spec, seed, window) -> dict[str, An
     prompt, subject = fact.get("prompt", ""), fact.get("subject", "")
     prompt = prompt.format(subject) if "{}" in prompt else prompt
     try:
-        attribute = fact.get("attribute")
-        if attribute:
-            with torch.no_grad():
-                top = int(handle.logits([prompt])[0, -1].argmax())
-            expected = {target_ids(handle.tokenizer, attribute, prefix_space=space)[0]
-                        for space in (True, False)}
-            if top not in expected:
-                return {"skipped": "wrong", "reason": f"model predicts "
-                        f"{handle.tokenizer.decode([top])!r}, not {attribute!r}"}
+        wrong = wrong_prediction(handle, prompt, fact.get("attribute"))
+        if wrong:
+            return {"skipped": "wrong", "reason": wrong}
         result = trace_fact(handle, prompt, subject, kinds=kinds, samples=samples, noise=spec,
                             seed=seed, window=window)
     except (SubjectNotFound, EmptyInput) as exc:
         return {"skipped": "invalid", "reason": str(exc)}
     return {"result": result.to_json()}
+
+
+def wrong_prediction(handle: ModelHandle, prompt: str, attribute: str | None) -> str | None:
+    """Why the model does not know the fact, or None when its top next token after ``prompt``
+    is the first token of ``attribute`` (with or without a leading space) or no attribute is
+    given. Averages over facts skip the facts it does not know, as the paper does."""
+    if not attribute:
+        return None
+    with torch.no_grad():
+        top = int(handle.logits([prompt])[0, -1].argmax())
+    expected = {target_ids(handle.tokenizer, attribute, prefix_space=space)[0]
+                for space in (True, False)}
+    if top in expected:
+        return None
+    return f"model predicts {handle.tokenizer.decode([top])!r}, not {attribute!r}"
 
 
 def trace_cache(handle: ModelHandle) -> Path:
@@ -257,7 +273,9 @@ def trace_cache(handle: ModelHandle) -> Path:
     return cache_dir("traces") / f"{handle.fingerprint()}.jsonl"
 
 
-def _read_resume(path: str | Path | None) -> dict[str, dict[str, Any]]:
+def read_resume(path: str | Path | None) -> dict[str, dict[str, Any]]:
+    """Records of a resume file (.jsonl, one ``{"key": ..., ...}`` per line) by key; a line cut
+    by an interrupt is ignored, so its fact is computed again."""
     if path is None or not Path(path).is_file():
         return {}
     done = {}
@@ -270,7 +288,8 @@ def _read_resume(path: str | Path | None) -> dict[str, dict[str, Any]]:
     return done
 
 
-def _append_resume(path: str | Path | None, record: dict[str, Any]) -> None:
+def append_resume(path: str | Path | None, record: dict[str, Any]) -> None:
+    """Append ``record`` as one line to the resume file ``path`` (nothing when None)."""
     if path is None:
         return
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -278,7 +297,8 @@ def _append_resume(path: str | Path | None, record: dict[str, Any]) -> None:
         handle.write(json.dumps(record) + "\n")
 
 
-def _progress(items: list, enabled: bool, label: str):
+def progress_bar(items: list, enabled: bool, label: str):
+    """Iterate ``items``, with a rich progress bar labelled ``label`` when ``enabled``."""
     if not enabled:
         yield from items
         return

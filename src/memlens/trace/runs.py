@@ -79,11 +79,12 @@ def window_layers(center: int, n_layers: int, window: int) -> range:
     return range(max(0, center - window // 2), min(n_layers, center - (-window // 2)))
 
 
-def depth_scaled_window(n_layers: int) -> int:
-    """The paper's window of 10 layers in 48 (GPT-2 XL), scaled to the model's depth (≥ 1):
-    10 for 48 layers, 6 for 28 (GPT-J), 2 for 12, 1 for 6. Used to CHOOSE edit layers, where a
-    window covering the whole model would make every layer's effect equal."""
-    return max(1, round(n_layers * 10 / 48))
+def depth_scaled_window(n_layers: int, paper_window: int = 10) -> int:
+    """A paper's window of ``paper_window`` layers in 48 (GPT-2 XL), scaled to the model's depth
+    (≥ 1). ROME's 10: 10 for 48 layers, 6 for 28 (GPT-J), 2 for 12, 1 for 6 — used to CHOOSE
+    edit layers, where a window covering the whole model would make every layer's effect equal.
+    Geva et al.'s attention-knockout window of 9 gives 5 for GPT-J, as that paper used."""
+    return max(1, round(n_layers * paper_window / 48))
 
 
 def default_window(n_layers: int) -> int:
@@ -505,15 +506,37 @@ def severed_trace(handle: ModelHandle, prompt: str, subject: str, **kwargs: Any)
     return trace_fact(handle, prompt, subject, kinds=("hidden",) + SEVERED_KINDS, **kwargs)
 
 
+MIN_RELATIVE_EFFECT = 0.02  # best_layer: an indirect effect below 2% of p_clean is no effect
+
+
+class NoCausalEffect(MemlensError):
+    """A causal trace found no layer whose restoration brings the answer back."""
+
+
 def best_layer(handle: ModelHandle, prompt: str, subject: str, kind: str = "mlp",
                **kwargs: Any) -> int:
     """The layer where restoring ``kind`` at the subject's LAST token has the largest
     indirect effect — the layer ROME edits when none is given. The MLP/attention window is
     :func:`depth_scaled_window` unless ``window`` is given.
 
+    Only layers from which that token can still reach the prediction compete: when the
+    subject ends before the prompt's last token, the last layer is left out (no later
+    attention carries its output to the last position). Raises :class:`NoCausalEffect` when
+    no competing layer's indirect effect (restored P(answer) − corrupted P(answer)) exceeds
+    ``MIN_RELATIVE_EFFECT`` × p_clean — a subject the model does not know, or a random model.
+
         layer = best_layer(handle, "Toulouse is a city in", "Toulouse")
     """
     last = subject_span(handle.tokenizer, prompt, subject).last
     kwargs.setdefault("window", depth_scaled_window(handle.n_layers))
     result = trace_fact(handle, prompt, subject, kinds=(kind,), positions=[last], **kwargs)
-    return int(np.argmax(result.scores[kind][last]))
+    reachable = handle.n_layers - (1 if last < len(result.input_ids) - 1 else 0)
+    effects = result.scores[kind][last][:reachable] - result.p_corrupted
+    best = float(np.nanmax(effects)) if np.isfinite(effects).any() else float("nan")
+    if not best > MIN_RELATIVE_EFFECT * result.p_clean:
+        raise NoCausalEffect(
+            f"the causal trace of {prompt!r} found no layer where restoring the {kind} at "
+            f"{subject!r} brings back {result.answer!r}: best indirect effect {best:.2g} "
+            f"(p_clean {result.p_clean:.3g}, p_corrupted {result.p_corrupted:.3g}; the model "
+            "does not seem to know this subject)")
+    return int(np.nanargmax(effects))
