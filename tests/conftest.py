@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -29,6 +30,40 @@ def random_handle(request, random_model_dirs):
     from memlens.model import load_model
 
     return load_model(str(random_model_dirs[request.param]), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and the machine is shared (restored after). A
+    module asks for it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@functools.cache
+def _sharp(model_type: str, implementation: str | None = None):
+    from memlens.arch import adapter_for
+    from memlens.model import ModelHandle
+    from memlens.testing import random_model
+
+    model, tokenizer = random_model(model_type, seed=3, initializer_range=0.2)
+    if implementation is not None and model_type != "gpt_neo":
+        model.set_attn_implementation(implementation)
+    model = model.double()
+    return ModelHandle(model, tokenizer, adapter_for(model), ref=f"sharp-{model_type}")
+
+
+@pytest.fixture(scope="session")
+def sharp():
+    """``sharp(model_type, implementation=None)``: a tiny float64 model with large random
+    weights (so that attention matters, and restorations move P(answer) far more than a 1e-5
+    tolerance), with the given attention implementation (None: the default; GPT-Neo has eager
+    only). One handle per arguments, shared by the tests."""
+    return _sharp
 
 
 @pytest.fixture(scope="session")

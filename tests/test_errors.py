@@ -82,9 +82,30 @@ def inputs(tmp_path_factory, gpt2) -> Path:
         "req_int_target.json": {**ATLANTIS, "target_new": 5},
         "req_no_prompt.json": {"subject": "Atlantis", "target_new": "Japan"},
         "req_rewrite_str.json": {"requested_rewrite": "Atlantis"},
+        "req_nul.json": {**ATLANTIS, "prompt": "{} is a\x00 city in"},
+        "req_braces.json": {**ATLANTIS, "prompt": "{} is a city in {x}"},
+        "req_long_target.json": {**ATLANTIS, "target_new": "Japan " * 300},
+        "req_space_subject.json": {**ATLANTIS, "subject": " \t"},
     }
     for name, body in requests.items():
         (root / name).write_text(json.dumps(body))
+    (root / "req_surrogate.json").write_text(json.dumps(ATLANTIS).replace("Japan", "Jap\\ud800"))
+    case = {"case_id": 0, "requested_rewrite": {**ATLANTIS, "target_new": {"str": "Japan"},
+                                                "target_true": {"str": "Greece"}},
+            "paraphrase_prompts": ["Atlantis is in"], "neighborhood_prompts": ["Paris is in"]}
+    rewrite = case["requested_rewrite"]
+    (root / "cf_surrogate.json").write_text(json.dumps([case]).replace("Greece", "Gr\\udfffece"))
+    (root / "cf_braces.json").write_text(json.dumps(
+        [{**case, "requested_rewrite": {**rewrite, "prompt": "{0} is a city in {}"}}]))
+    (root / "cf_long.json").write_text(json.dumps(
+        [{**case, "requested_rewrite": {**rewrite, "prompt": "{} is " + "a city in " * 300}}]))
+    fact = {"prompt": "Paris is a city in", "subject": "Paris", "attribute": "France"}
+    (root / "facts_int_attribute.json").write_text(json.dumps([{**fact, "attribute": 7}]))
+    (root / "facts_surrogate.json").write_text(json.dumps([fact]).replace("France",
+                                                                          "Fr\\ud83dance"))
+    (root / "facts.json").write_text(json.dumps([fact, {**fact, "subject": "Rome",
+                                                        "prompt": "Rome is a city in"}]))
+    (root / "attributes.json").write_text(json.dumps({"Paris": ["France"]}))
     (root / "facts_unknown.json").write_text(json.dumps(
         [{"prompt": f"{s} is a city in", "subject": s, "attribute": "Zanzibar"}
          for s in ("Atlantis", "Lemuria", "Mu")]))
@@ -170,6 +191,49 @@ def _cases(i: Path, m: str) -> list[tuple[list[str], str]]:
         (["topk", "neurons", "-m", m, "--corpus", str(i / "latin1.txt")], "not UTF-8"),
         (["topk", "steer", "-m", m, "--corpus", str(i / "corpus.txt")], "--neuron"),
         (["report", str(i / "nope")], "not a directory"),
+        # odd text (issue 17): NUL bytes, lone surrogates, braces, blank, huge
+        (["edit", "rome", "-m", m, "--request", str(i / "req_nul.json"), "--hparams",
+          str(i / "hp.json"), "--corpus", str(i / "corpus.txt")], "[Atlantis is a\\x00 city in]"),
+        (["edit", "rome", "-m", m, "--request", str(i / "req_surrogate.json")],
+         "not valid Unicode"),
+        (["edit", "rome", "-m", m, "--request", str(i / "req_braces.json")],
+         "no braces besides"),
+        (["edit", "rome", "-m", m, "--request", str(i / "req_long_target.json")],
+         "the model's context is 128"),
+        (["edit", "rome", "-m", m, "--request", str(i / "req_space_subject.json")],
+         "subject of request"),
+        (["eval", "counterfact", "-m", m, "--data", str(i / "cf_surrogate.json")],
+         "not valid Unicode"),
+        (["eval", "counterfact", "-m", m, "--data", str(i / "cf_braces.json")],
+         "no braces besides"),
+        (["eval", "counterfact", "-m", m, "--data", str(i / "cf_long.json"),
+          "--no-generation"], "the model's context is 128"),
+        (["trace", "-m", m, "-p", "Par\udcffis is a city in", "-s", "Par\udcffis"],
+         "command-line argument 5"),
+        (["trace", "-m", m, "-p", " ", "-s", "Paris"], "empty"),
+        (["trace", "-m", m, "-p", "Paris " * 300 + "is a city in", "-s", "Paris"],
+         "the model's context is 128"),
+        (["trace", "-m", m, "-p", "Paris is a city in", "-s", "\u200b"], "\\u200b"),
+        # probe, knockout, lens
+        (["probe", "-m", m, "--facts", str(i / "facts.json"), "--layers", "0-99999999999"],
+         "spans more layers than any model has"),
+        (["probe", "-m", m, "--facts", str(i / "facts.json"), "--n", "0"], "--n) must be ≥ 1"),
+        (["probe", "-m", m, "--facts", str(i / "facts_surrogate.json")], "not valid Unicode"),
+        (["probe", "-m", m, "--facts", str(i / "facts.json"), "--test-fraction", "2"],
+         "test_fraction"),
+        (["knockout", "-m", m, "--facts", str(i / "facts_int_attribute.json")],
+         "the attribute must be a string, got int"),
+        (["knockout", "-m", m, "-p", "Paris is a city in", "-s", "Paris", "--window", "0"],
+         "window must be ≥ 1"),
+        (["knockout", "-m", m, "-p", "Paris is a city in", "-s", "Rome"], "Rome"),
+        (["knockout", "-m", m, "-p", "Paris is a city in"], "--prompt and --subject together"),
+        (["lens", "-m", m, "--facts", str(i / "facts.json"), "--n", "0"], "--n) must be ≥ 1"),
+        (["lens", "-m", m, "-p", "Paris is a city in", "-s", "Paris", "--attributes",
+          str(i / "attributes.json"), "--k", "0"], "k must be between 1"),
+        (["lens", "-m", m, "-p", "Paris is a city in", "-s", "Paris", "--attributes",
+          str(i / "attributes.json"), "--kind", "bogus"], "unknown lens kind"),
+        (["lens", "-m", m, "-p", "Paris is a city in", "-s", "Paris", "--attributes",
+          str(i / "dict.json")], "list of attribute strings"),
         (["organism", "eval", "no-such-organism"], "unknown organism 'no-such-organism'"),
         (["organism", "build", "no-such-organism"], "unknown organism 'no-such-organism'"),
     ]
@@ -195,8 +259,21 @@ def test_bad_input_is_one_line_error_and_changes_nothing(index, inputs, gpt2, mo
 
 def _takes_json(args: list[str]) -> bool:
     """Commands with --json (keeps progress bars out of stderr)."""
-    return args[0] in ("info", "trace", "trace-avg", "stats", "edit", "eval") or \
-        args[:2] == ["memorization", "scan"]
+    return args[0] in ("info", "trace", "trace-avg", "stats", "edit", "eval", "probe",
+                       "knockout", "lens") or args[:2] == ["memorization", "scan"]
+
+
+@pytest.mark.parametrize("prompt, subject", [("Atl\x00antis is a city in", "Atl\x00antis"),
+                                             ("東京 is a city in", "東京"),
+                                             ("🚀 is a city in", "🚀")])
+def test_odd_but_valid_text_is_traced(prompt, subject, gpt2, monkeypatch, capsys, tmp_path):
+    """NUL bytes and non-Latin text are ordinary tokens: the trace runs and echoes them."""
+    code, out, err = run_cli(["trace", "-m", str(gpt2), "-p", prompt, "-s", subject,
+                              "--samples", "2", "--kind", "hidden", "-o", str(tmp_path / "t"),
+                              "--json"], monkeypatch, capsys)
+    assert code == 0 and "Traceback" not in err
+    result = json.loads(out)
+    assert result["prompt"] == prompt and result["subject_range"][0] == 0
 
 
 def test_trace_avg_with_no_traceable_fact_writes_nothing(inputs, gpt2, monkeypatch, capsys,
@@ -383,3 +460,111 @@ def test_tiny_organism_edit_reports_whether_it_took(tiny_organism, monkeypatch, 
         assert "Traceback" not in err
         assert (code == 0) == result["took"] == save.exists()
         assert result["layer"] < n_layers - 1 or result["layer_source"] == "user"
+
+
+#: A deliberately small organism (2×32 GPT-2, 30 facts, 60 steps, checkpoints at 20 and 40):
+#: ORGANISMS["tiny"] with these fields and facts changed.
+SMALL_ORGANISM = {"name": "killed-build", "n_layer": 2, "d_model": 32, "n_head": 2,
+                  "vocab_size": 512, "paragraphs_per_repeat": 1, "steps": 60, "batch_size": 4,
+                  "warmup_steps": 5, "checkpoint_every": 20, "num_threads": 1}
+SMALL_FACTS = {"n_countries": 8, "n_cities": 10, "n_people": 6, "n_birthplaces": 6,
+               "n_train_templates": 2}
+
+KILLED_BUILD = """
+import dataclasses, json, sys, time
+from memlens.organisms import build, registry, trainer
+fields, facts = json.loads(sys.argv[1])
+tiny = registry.ORGANISMS["tiny"]
+spec = dataclasses.replace(tiny, **fields, facts=dataclasses.replace(tiny.facts, **facts))
+registry.ORGANISMS[spec.name] = spec
+def pause(moment, *args, **kwargs):
+    print(moment, flush=True)
+    time.sleep(600)
+stop = sys.argv[2]
+if stop == "corpus":  # stdlib text read, the tokenizer not trained yet
+    build.train_tokenizer = lambda *args, **kwargs: pause(stop)
+elif stop == "checkpoint":  # checkpoint 20 written, checkpoint 40 half-way written
+    save = trainer._save_checkpoint
+    def half(path, *args):
+        if path.exists():
+            data = path.read_bytes()
+            path.with_suffix(".tmp").write_bytes(data[: len(data) // 2])
+            pause(stop)
+        save(path, *args)
+    trainer._save_checkpoint = half
+elif stop == "files":  # weights and tokenizer written, the data files not yet
+    build._write_json = lambda *args: pause(stop)
+registry.ensure(spec.name, progress=False)
+"""
+
+
+def _small_organism(**changes: object):
+    """The spec KILLED_BUILD registers (``changes`` outside the key keep its directory)."""
+    import dataclasses
+
+    from memlens.organisms.registry import ORGANISMS
+
+    tiny = ORGANISMS["tiny"]
+    return dataclasses.replace(tiny, **{**SMALL_ORGANISM, **changes},
+                               facts=dataclasses.replace(tiny.facts, **SMALL_FACTS))
+
+
+def _build_killed_at(moment: str, home: Path) -> None:
+    """Run the small organism's build in a child process and SIGKILL it at ``moment``."""
+    env = {**os.environ, "MEMLENS_HOME": str(home), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_BUILD,
+                             json.dumps([SMALL_ORGANISM, SMALL_FACTS]), moment],
+                            stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout.readline().strip() == moment
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.mark.slow
+def test_an_organism_build_killed_with_sigkill_leaves_nothing_loaded_or_kept(tmp_path,
+                                                                            monkeypatch):
+    """A small organism's build is SIGKILLed while it generates its corpus, while it writes a
+    training checkpoint, and while it writes its files: no kill leaves an organism that is
+    loaded, and the next build leaves only the organism, the empty lock files and the
+    resumable build of another registered organism (a dead build of an unknown key is
+    removed)."""
+    from memlens.model import load_model
+    from memlens.organisms import registry
+
+    monkeypatch.setenv("MEMLENS_HOME", str(tmp_path))
+    spec = _small_organism()
+    monkeypatch.setitem(registry.ORGANISMS, spec.name, spec)
+    final = registry.organism_dir(spec.name)
+    building = final.parent / f"{registry.BUILDING}{final.name}"
+    seen: dict[str, set[str]] = {}
+    for moment in ("corpus", "files", "checkpoint"):
+        _build_killed_at(moment, tmp_path)
+        assert not final.exists() and not registry.is_built(final)
+        seen[moment] = {p.name for p in building.iterdir()}
+        with pytest.raises(ModelNotFound, match="unfinished or killed organism build"):
+            load_model(str(building), device="cpu")
+    assert seen["corpus"] == set()
+    assert "model.safetensors" in seen["files"] and "counterfact.json" not in seen["files"]
+    assert {"checkpoint.pt", "checkpoint.tmp"} <= seen["checkpoint"]
+    dead = final.parent / f"{registry.BUILDING}old-0123456789ab"  # a killed build of another key
+    resumable = final.parent / f"{registry.BUILDING}{registry.organism_dir('tiny').name}"
+    for partial in (dead, resumable):
+        partial.mkdir()
+        (partial / "checkpoint.pt").write_bytes(b"partial")
+        (final.parent / f".lock-{partial.name.removeprefix(registry.BUILDING)}").touch()
+    before = {p.name for p in final.parent.iterdir()} - {dead.name, building.name}
+
+    # No checkpoints from here on: the half-written checkpoint.tmp is not overwritten by a later
+    # one, so only its removal at the start keeps it out of the organism.
+    monkeypatch.setitem(registry.ORGANISMS, spec.name, _small_organism(checkpoint_every=0))
+    threads = torch.get_num_threads()
+    try:
+        assert registry.ensure(spec.name, progress=False) == final
+    finally:
+        torch.set_num_threads(threads)
+    assert registry.is_built(final)
+    assert not [p.name for p in final.iterdir() if p.suffix in (".tmp", ".pt")]
+    assert {p.name for p in final.parent.iterdir()} == before | {final.name}
+    load_model(str(final), device="cpu")

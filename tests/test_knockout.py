@@ -4,7 +4,6 @@ eager and sdpa attention; results, averages, resume and CLI behave."""
 
 from __future__ import annotations
 
-import functools
 import json
 from types import SimpleNamespace
 
@@ -31,32 +30,13 @@ PROMPT = "Miles Davis plays the trumpet"
 SUBJECT = "Davis"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and the machine is shared (restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@functools.cache
-def sharp(model_type: str, implementation: str) -> ModelHandle:
-    """A tiny float64 model with large random weights (so that attention matters), with the
-    given attention implementation (GPT-Neo has eager only)."""
-    from memlens.arch import adapter_for
-    from memlens.testing import random_model
-
-    model, tokenizer = random_model(model_type, seed=3, initializer_range=0.2)
-    if model_type != "gpt_neo":
-        model.set_attn_implementation(implementation)
-    model = model.double()
-    return ModelHandle(model, tokenizer, adapter_for(model), ref=f"sharp-{model_type}")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=["sdpa", "eager"])
-def sharp_handle(request, random_handle) -> ModelHandle:
-    """:func:`sharp` of ``random_handle``'s architecture, eager and sdpa: 7 × 2 handles."""
+def sharp_handle(request, random_handle, sharp) -> ModelHandle:
+    """``sharp`` (conftest) of ``random_handle``'s architecture, eager and sdpa: 7 × 2
+    handles."""
     return sharp(random_handle.arch.model_type, request.param)
 
 

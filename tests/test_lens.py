@@ -29,13 +29,7 @@ PROMPT = "Miles Davis plays the trumpet"
 SUBJECT = "Davis"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and the machine is shared (restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_last_layer_residual_lens_is_the_models_logits(random_handle):

@@ -104,7 +104,8 @@ def test_batched_z_equals_z_optimised_one_at_a_time(model, request):
     assert batched.summary()["loss_last"] <= batched.summary()["loss_first"]
 
 
-@pytest.mark.parametrize("point", ["blocks.1.hook_resid_post", "blocks.2.hook_mlp_out"])
+@pytest.mark.parametrize("point", ["blocks.1.hook_resid_post", "blocks.2.hook_mlp_out",
+                                   "blocks.3.hook_resid_post"])  # the last: every block skipped
 def test_suffix_only_passes_equal_whole_model_passes(random_handle, point):
     """Skipping the blocks below the point and the positions before the fact token (cached)
     changes nothing: same δ, same losses, same steps, on every architecture, with rows whose

@@ -24,13 +24,7 @@ NAMES = ["Miles", "Davis", "Paris", "Tokyo", "Apple", "Steve", "Jobs", "France",
          "Eiffel"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and the machine is shared (restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def synthetic_facts(n_subjects: int = 16) -> list[dict[str, str]]:

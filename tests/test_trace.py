@@ -3,7 +3,6 @@ noise, severed paths, averages, figures and CLI behave as ROME §2 says."""
 
 from __future__ import annotations
 
-import functools
 import json
 
 import numpy as np
@@ -38,30 +37,12 @@ FAST = dict(samples=2, noise=1.0, window=2, seed=1)
 COMPARED = [2, 3, 4, 5, 8]  # the naive loop is slow: one token before the subject, the subject, the last
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and the machine is shared (restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@functools.cache
-def sharp(model_type: str) -> ModelHandle:
-    """A tiny float64 model with large random weights, so that restorations move P(answer)
-    far more than the 1e-5 tolerance."""
-    from memlens.arch import adapter_for
-    from memlens.testing import random_model
-
-    model, tokenizer = random_model(model_type, seed=3, initializer_range=0.2)
-    model = model.double()
-    return ModelHandle(model, tokenizer, adapter_for(model), ref=f"sharp-{model_type}")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def sharp_handle(random_handle) -> ModelHandle:
-    """:func:`sharp` of ``random_handle``'s architecture (so: every architecture)."""
+def sharp_handle(random_handle, sharp) -> ModelHandle:
+    """``sharp`` (conftest) of ``random_handle``'s architecture (so: every architecture)."""
     return sharp(random_handle.arch.model_type)
 
 
@@ -179,7 +160,7 @@ def test_token_groups():
     assert token_groups(3, (0, 3))["first_subsequent"] == []
 
 
-def test_average_trace_skips_and_resumes(tmp_path):
+def test_average_trace_skips_and_resumes(tmp_path, sharp):
     handle = sharp("gpt2")
     known = "Apple was founded by"  # this model's top next token there is "gu"
     assert handle.tokenizer.decode([int(handle.logits([known])[0, -1].argmax())]) == "gu"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -154,19 +155,12 @@ def organism_eval(name: OrganismArg, as_json: JsonOpt = False,
                       help="Also run the averaged causal trace (issue 10; slower).")] = False):
     """Fact / paraphrase accuracy, memorized fraction by repeats, and (optionally) the recall
     site from causal tracing."""
+    from memlens.missing import format_value
     from memlens.organisms.build import evaluate_organism
     from memlens.organisms.registry import ensure
 
     path = ensure(name, progress=not as_json)
     report = evaluate_organism(path, recall_site=recall_site)
-    from memlens.missing import explain, format_value
-
-    old_build = "not recorded in organism.json (built by an older memlens)"
-    report |= {"n_known_facts": explain(report.get("n_known_facts"), old_build),
-               "build_seconds": explain(report.get("build_seconds"), old_build),
-               "recall_site": explain(report.get("recall_site"), (
-                   "memlens.trace could not be imported" if recall_site
-                   else "not computed: pass --recall-site"))}
     if as_json:
         print_json(report)
         return
@@ -226,17 +220,67 @@ def trace(
     console.print(f"results: {out / 'trace.json'}; figures: {len(figures)} files in {out}")
 
 
+FactFileOpt = Annotated[Path | None, typer.Option("--facts", help="JSON list of facts "
+                                                  "(known-facts or CounterFact format); "
+                                                  "default: the organism's known_facts.json.")]
+RelationOpt = Annotated[str | None, typer.Option("--relation", help="Comma-separated relations "
+                                                 "to keep (facts with a 'relation' field).")]
+
+
+def _fact_file(model: str, facts: Path | None,
+               missing: str = "--facts is required unless --model is organism:NAME") -> Path:
+    """``--facts``, else the organism's known_facts.json; MemlensError(``missing``) when
+    neither exists (a model that is not organism:NAME)."""
+    if facts is not None:
+        return facts
+    from memlens.model import ORGANISM_PREFIX
+
+    if not model.startswith(ORGANISM_PREFIX):
+        raise MemlensError(missing)
+    from memlens.organisms.registry import organism_file
+
+    return organism_file(model, "known_facts.json")
+
+
+def _chosen_facts(path: Path, n: int | None, relation: str | None) -> list[dict[str, str]]:
+    """The facts of ``path`` (--facts), of the --relation(s) and thinned to --n."""
+    from memlens.trace import load_facts, select_facts
+
+    return select_facts(load_facts(path), n, relation.split(",") if relation else None)
+
+
+def _save_results(out: Path, name: str, data: dict, figure) -> str:
+    """Write ``out/<name>.json`` and the figure ``out/<name>.png``; the line that says where."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(data, indent=1))
+    figure.savefig(out / f"{name}.png", dpi=150, bbox_inches="tight")
+    return f"results: {out / (name + '.json')}; figure: {out / (name + '.png')}"
+
+
+def _fact_counts(avg) -> str:
+    """How many facts an average over facts used and skipped, for its headline."""
+    return (f"{avg.n_facts} facts, {avg.n_skipped_wrong} skipped (model wrong), "
+            f"{avg.n_skipped_invalid} invalid")
+
+
+def _layer_table(title: str, corner: str, n_layers: int):
+    """A rich Table with a row-label column headed ``corner`` and one column per layer."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column(corner)
+    for layer in range(n_layers):
+        table.add_column(str(layer), justify="right")
+    return table
+
+
 @app.command("trace-avg")
 def trace_avg(
     model: ModelOpt = DEFAULT_MODEL,
-    facts: Annotated[Path | None, typer.Option("--facts", help="JSON list of facts (known-facts "
-                                               "or CounterFact format); default: the "
-                                               "organism's known_facts.json.")] = None,
+    facts: FactFileOpt = None,
     n: Annotated[int | None, typer.Option("--n", help="Trace N facts spread evenly over the "
                                           "file (all relations keep their share).")] = None,
-    relation: Annotated[str | None, typer.Option("--relation", help="Comma-separated relations "
-                                                 "to keep (facts with a 'relation' field).")]
-    = None,
+    relation: RelationOpt = None,
     kind: Annotated[str, typer.Option("--kind", help="Comma-separated kinds or 'all'.")]
     = "all",
     samples: Annotated[int, typer.Option("--samples", help="Noise samples S.")] = 10,
@@ -255,18 +299,14 @@ def trace_avg(
     and never traced again with the same settings (the demo and `organism eval --recall-site`
     share that cache).
     """
-    from memlens.model import ORGANISM_PREFIX, load_model
-    from memlens.trace import average_trace, load_facts, select_facts, trace_cache
+    from memlens.missing import format_value
+    from memlens.model import load_model
+    from memlens.trace import average_trace, trace_cache
     from memlens.trace.plot import plot_average
 
-    if facts is None:
-        if not model.startswith(ORGANISM_PREFIX):
-            raise MemlensError("--facts is required unless --model is organism:NAME")
-        from memlens.organisms.registry import organism_file
-
-        facts = organism_file(model, "known_facts.json")
+    facts = _fact_file(model, facts)
     handle = load_model(model, device=device)
-    chosen = select_facts(load_facts(facts), n, relation.split(",") if relation else None)
+    chosen = _chosen_facts(facts, n, relation)
     avg = average_trace(handle, chosen, kinds=kind.split(","), samples=samples,
                         noise=_noise_arg(noise), window=window, progress=not as_json,
                         resume=trace_cache(handle))
@@ -287,7 +327,7 @@ def trace_avg(
                   f"{avg.n_skipped_invalid} invalid; ATE {avg.ate:.3f}")
     for place, label in (("aie_last_subject_token", "last subject token"),
                          ("aie_last_token", "last token")):
-        peaks = ", ".join(f"{k} {v['max']:.3f} @ layer {v['layer']}"
+        peaks = ", ".join(f"{k} {format_value(v['max'], 3)} @ layer {format_value(v['layer'])}"
                           for k, v in site[place].items())
         console.print(f"  max AIE at the {label}: {peaks}")
     console.print(f"results: {out / 'trace_avg.json'}; figures: {len(figures)} files in {out}")
@@ -307,9 +347,7 @@ def _noise_arg(noise: str | None) -> float | str | None:
 @app.command()
 def probe(
     model: ModelOpt = DEFAULT_MODEL,
-    facts: Annotated[Path | None, typer.Option("--facts", help="JSON list of facts (known-facts "
-                                               "or CounterFact format); default: the "
-                                               "organism's known_facts.json.")] = None,
+    facts: FactFileOpt = None,
     layers: Annotated[str | None, typer.Option("--layers", help="e.g. emb,0-4 or 2,5 (emb = "
                                                "after the embeddings; default: emb and every "
                                                "block).")] = None,
@@ -325,26 +363,18 @@ def probe(
 ):
     """P-probing: held-out accuracy of linear probes of the fact's object, per token group and
     layer, with a shuffled-label control and the chance level."""
-    from memlens.model import ORGANISM_PREFIX, load_model
+    from memlens.model import load_model
     from memlens.probe import GROUP_LABELS, layer_label, parse_probe_layers, plot_probe, probe_facts
     from memlens.trace import load_facts
 
-    if facts is None:
-        if not model.startswith(ORGANISM_PREFIX):
-            raise MemlensError("--facts is required unless --model is organism:NAME")
-        from memlens.organisms.registry import organism_file
-
-        facts = organism_file(model, "known_facts.json")
-    chosen = load_facts(facts)
+    chosen = load_facts(_fact_file(model, facts))
     handle = load_model(model, device=device)
     result = probe_facts(handle, chosen, layers=parse_probe_layers(layers) if layers else None,
                          n=n, seed=seed, test_fraction=test_fraction, progress=not as_json)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "probe.json").write_text(json.dumps(result.to_json(), indent=1))
-    plot_probe(result, title=f"P-probe: {model}").savefig(out / "probe.png", dpi=150,
-                                                           bbox_inches="tight")
+    data = result.to_json()
+    saved = _save_results(out, "probe", data, plot_probe(result, title=f"P-probe: {model}"))
     if as_json:
-        print_json(result.to_json())
+        print_json(data)
         return
     from rich.table import Table
 
@@ -366,7 +396,7 @@ def probe(
                   f"{best['chance']:.3f})")
     for skipped in result.skipped:
         console.print(f"  skipped relation {skipped['relation']}: {skipped['reason']}")
-    console.print(f"results: {out / 'probe.json'}; figure: {out / 'probe.png'}")
+    console.print(saved)
 
 
 # ── recall anatomy: attention knockout and logit lens (memlens.knockout, memlens.lens) ──
@@ -381,8 +411,6 @@ FactsOpt = Annotated[Path | None, typer.Option("--facts", help="Average over a J
                                                "known_facts.json.")]
 FactsNOpt = Annotated[int | None, typer.Option("--n", help="Use N facts spread evenly over the "
                                                "file (all relations keep their share).")]
-RelationOpt = Annotated[str | None, typer.Option("--relation", help="Comma-separated relations "
-                                                 "to keep (facts with a 'relation' field).")]
 
 
 def _one_fact_or_many(model: str, prompt: str | None, subject: str | None,
@@ -395,16 +423,8 @@ def _one_fact_or_many(model: str, prompt: str | None, subject: str | None,
         if facts is not None:
             raise MemlensError("give either one fact (--prompt, --subject) or --facts, not both")
         return None
-    if facts is not None:
-        return facts
-    from memlens.model import ORGANISM_PREFIX
-
-    if not model.startswith(ORGANISM_PREFIX):
-        raise MemlensError("give --prompt and --subject, or --facts (a default fact file exists "
-                           "only for --model organism:NAME)")
-    from memlens.organisms.registry import organism_file
-
-    return organism_file(model, "known_facts.json")
+    return _fact_file(model, facts, "give --prompt and --subject, or --facts (a default fact "
+                      "file exists only for --model organism:NAME)")
 
 
 @app.command()
@@ -448,40 +468,31 @@ def knockout(
         headline = (f"[bold]{prompt}[/] → {result.answer!r}: p_clean {result.p_clean:.3f}; "
                     f"blocked {result.window} layer(s) at a time")
     else:
-        from memlens.trace import load_facts, select_facts
-
         if answer is not None:
             raise MemlensError("--answer applies to one fact (--prompt); facts are scored on "
                                "the model's prediction")
         handle = load_model(model, device=device)
-        chosen = select_facts(load_facts(fact_file), n, relation.split(",") if relation else None)
+        chosen = _chosen_facts(fact_file, n, relation)
         result = average_knockout(handle, chosen, window=window, progress=not as_json,
                                   resume=knockout_cache(handle))
         data, name = result.to_json(), "knockout_avg"
         relative = result.relative
-        headline = (f"{result.n_facts} facts, {result.n_skipped_wrong} skipped (model wrong), "
-                    f"{result.n_skipped_invalid} invalid; mean p_clean {result.p_clean:.3f}; "
+        headline = (f"{_fact_counts(result)}; mean p_clean {result.p_clean:.3f}; "
                     f"blocked {result.window} layer(s) at a time")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(data, indent=1))
-    plot_knockout(result).savefig(out / f"{name}.png", dpi=150, bbox_inches="tight")
+    saved = _save_results(out, name, data, plot_knockout(result))
     if as_json:
         print_json(data)
         return
     import math
 
-    from rich.table import Table
-
     console.print(headline)
-    table = Table(title="% change in p(answer) when the last token cannot attend to …")
-    table.add_column("source \\ layer")
-    for layer in range(handle.n_layers):
-        table.add_column(str(layer), justify="right")
+    table = _layer_table("% change in p(answer) when the last token cannot attend to …",
+                         "source \\ layer", handle.n_layers)
     for source, curve in relative.items():
         table.add_row(SOURCE_LABELS[source], *("–" if math.isnan(v) else f"{100 * v:+.0f}"
                                                for v in curve))
     console.print(table)
-    console.print(f"results: {out / (name + '.json')}; figure: {out / (name + '.png')}")
+    console.print(saved)
 
 
 @app.command()
@@ -543,30 +554,20 @@ def lens(
         headline = (f"[bold]{prompt}[/]: attributes of {subject!r}: "
                     f"{', '.join(result.attributes)}")
     else:
-        from memlens.trace import load_facts, select_facts
-
-        chosen = select_facts(load_facts(fact_file), n, relation.split(",") if relation else None)
+        chosen = _chosen_facts(fact_file, n, relation)
         result = average_lens(handle, chosen, known, k=k, kinds=kinds, progress=not as_json)
         data, name = result.to_json(), "lens_avg"
         figure = plot_average_lens(result)
         curves = {kind_: result.at(kind_) for kind_ in result.kinds}
         chance, top_k = result.chance, result.k
-        headline = (f"{result.n_facts} facts, {result.n_skipped_wrong} skipped (model wrong), "
-                    f"{result.n_skipped_invalid} invalid")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(data, indent=1))
-    figure.savefig(out / f"{name}.png", dpi=150, bbox_inches="tight")
+        headline = _fact_counts(result)
+    saved = _save_results(out, name, data, figure)
     if as_json:
         print_json(data)
         return
-    from rich.table import Table
-
     console.print(headline)
-    table = Table(title=f"attribute rate at the last subject token (top {top_k}; chance "
-                  f"{chance:.3f})")
-    table.add_column("kind \\ layer")
-    for layer in range(handle.n_layers):
-        table.add_column(str(layer), justify="right")
+    table = _layer_table(f"attribute rate at the last subject token (top {top_k}; chance "
+                         f"{chance:.3f})", "kind \\ layer", handle.n_layers)
     for kind_, curve in curves.items():
         table.add_row(KIND_LABELS[kind_], *(f"{v:.2f}" for v in curve))
     console.print(table)
@@ -579,7 +580,7 @@ def lens(
         words = result.top_at("residual", last, layer, handle.tokenizer)
         console.print(f"  residual top tokens at the last subject token, layer {layer}: "
                       f"{', '.join(repr(w) for w in words)}")
-    console.print(f"results: {out / (name + '.json')}; figure: {out / (name + '.png')}")
+    console.print(saved)
 
 
 # ── statistics, editing and evaluation (memlens.stats, memlens.edit, memlens.evaluate) ──
@@ -676,18 +677,21 @@ def _finish_edit(edit, result: dict, save: Path | None, allow_no_effect: bool,
                          "--allow-no-effect to keep it anyway)")
 
 
-def _print_fact_check(handle, request, title: str) -> dict:
-    """P(target_new), P(target_true) and the greedy answer for one request, printed."""
+def _print_fact_check(handle, request, title: str, show: bool = True) -> dict:
+    """P(target_new), P(target_true) (``missing(reason)`` without a target_true) and the
+    greedy answer for one request, printed when ``show``."""
     from memlens.edit.requests import greedy_answer
     from memlens.evaluate.scoring import score_targets
+    from memlens.missing import format_value, missing
 
     targets = [request.target_new] + ([request.target_true] if request.target_true else [])
     scores = score_targets(handle, [request.text] * len(targets), targets)
     answer = handle.tokenizer.decode(greedy_answer(handle, request.text, 3))
-    row = {"p_new": scores[0].prob, "p_true": scores[1].prob if len(scores) > 1 else None,
-           "greedy": answer}
-    true = f", p(true) {row['p_true']:.3g}" if row["p_true"] is not None else ""
-    console.print(f"  {title:6s} p(new) {row['p_new']:.3g}{true}; greedy: {answer!r}")
+    row = {"p_new": scores[0].prob, "p_true": scores[1].prob if len(scores) > 1 else
+           missing("the request gives no target_true"), "greedy": answer}
+    if show:
+        console.print(f"  {title:6s} p(new) {row['p_new']:.3g}, p(true) "
+                      f"{format_value(row['p_true'], 3)}; greedy: {answer!r}")
     return row
 
 
@@ -722,10 +726,10 @@ def edit_rome(
     hp = ROMEHyperParams.for_model(handle, path=hparams_file, update=update)
     if not as_json:
         console.print(f"[bold]ROME[/] {request.describe()}")
-    before = _print_fact_check(handle, request, "before") if not as_json else None
+    before = _print_fact_check(handle, request, "before", show=not as_json)
     edit = apply_rome(handle, request, layer=layer, hparams=hp, corpus=corpus,
                       progress=not as_json)
-    after = _print_fact_check(handle, request, "after") if not as_json else None
+    after = _print_fact_check(handle, request, "after", show=not as_json)
     result = {**edit.to_dict(), "before": before, "after": after}
     _save_if_took(handle, edit, result, save, allow_no_effect)
     if as_json:
@@ -815,8 +819,9 @@ NOpt = Annotated[int | None, typer.Option("--n", help="Only the first N requests
 
 def _batch_check(handle, requests) -> dict:
     """Over many requests: mean P(target_new) and, where target_true is known, the share with
-    P(new) > P(true) (efficacy)."""
+    P(new) > P(true) (efficacy; ``missing(reason)`` when no request gives target_true)."""
     from memlens.evaluate.scoring import score_targets
+    from memlens.missing import missing
 
     new = score_targets(handle, [r.text for r in requests], [r.target_new for r in requests])
     known = [(i, r) for i, r in enumerate(requests) if r.target_true]
@@ -824,11 +829,14 @@ def _batch_check(handle, requests) -> dict:
         if known else []
     wins = [new[i].nll < t.nll for (i, _), t in zip(known, true, strict=True)]
     return {"p_new": sum(s.prob for s in new) / len(new),
-            "efficacy": sum(wins) / len(wins) if wins else None}
+            "efficacy": sum(wins) / len(wins) if wins else missing(
+                "no request gives target_true to compare P(target_new) with")}
 
 
 def _report_batch_edit(handle, edit, requests, before: dict, save: Path | None, as_json: bool,
                        detail: str, allow_no_effect: bool) -> None:
+    from memlens.missing import format_value
+
     after = _batch_check(handle, requests)
     result = {**edit.to_dict(), "before": before, "after": after}
     _save_if_took(handle, edit, result, save, allow_no_effect)
@@ -836,8 +844,8 @@ def _report_batch_edit(handle, edit, requests, before: dict, save: Path | None, 
         _finish_edit(edit, result, save, allow_no_effect, as_json)
         return
     for title, row in (("before", before), ("after", after)):
-        eff = f", efficacy {row['efficacy']:.3f}" if row["efficacy"] is not None else ""
-        console.print(f"  {title:6s} mean p(new) {row['p_new']:.3g}{eff}")
+        console.print(f"  {title:6s} mean p(new) {row['p_new']:.3g}, efficacy "
+                      f"{format_value(row['efficacy'], 3)}")
     console.print(f"  {detail}; ‖ΔW‖ " + ", ".join(f"L{k} {v:.4g}"
                                                   for k, v in edit.delta_norms.items()))
     _finish_edit(edit, result, save, allow_no_effect, as_json)
@@ -956,9 +964,9 @@ def bench_edits_cmd(
     device: DeviceOpt = None,
 ):
     """Score/ES/PS/NS, GE and wall time vs number of edits for MEMIT, sequential ROME, FT-L."""
-    from memlens.edit.scaling import METRICS, bench_edits, parse_sizes
+    from memlens.edit.scaling import bench_edits, parse_sizes
     from memlens.evaluate import load_counterfact
-    from memlens.evaluate.counterfact import bench_reasons, explain_metrics, resolve_data
+    from memlens.evaluate.counterfact import resolve_data
     from memlens.missing import format_value
     from memlens.model import load_model
     from memlens.stats import parse_layers
@@ -978,10 +986,9 @@ def bench_edits_cmd(
     table = Table(title=f"editing {model}: quality vs number of edits")
     for column in ("method", "n", "Score", "ES", "PS", "NS", "GE", "seconds"):
         table.add_column(column, justify="right")
-    for n, row in [(n, {"method": "unedited", "n": n, **result.pre[n], "seconds": ""})
-                   for n in result.sizes] + [(row["n"], row) for row in result.table()]:
-        row = explain_metrics(row, METRICS, bench_reasons(cases, n, ge_cases))
-        table.add_row(row["method"], str(n), *(format_value(row[k], 3) for k in
+    for row in [result.explained(n, {"method": "unedited", "n": n, **result.pre[n],
+                                     "seconds": ""}) for n in result.sizes] + result.table():
+        table.add_row(row["method"], str(row["n"]), *(format_value(row[k], 3) for k in
                       ("Score", "ES", "PS", "NS", "GE")), format_value(row["seconds"], 3))
     console.print(table)
     console.print(f"written: {out / 'scaling.json'}, {out / 'scaling.png'}")
@@ -1515,12 +1522,27 @@ def main() -> None:
     such as a full disk) into one-line messages and exit code 2. MEMLENS_DEBUG=1 re-raises
     them with their traceback."""
     try:
+        from memlens.files import check_unicode
+
+        for i, arg in enumerate(sys.argv[1:], start=1):
+            check_unicode(arg, f"command-line argument {i}")
         app()
     except (MemlensError, OSError) as exc:
         if os.environ.get("MEMLENS_DEBUG") == "1":
             raise
         from rich.markup import escape
 
-        message = " ".join(str(exc).split())  # one line, whatever the message held
-        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(message)}")
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] "
+                                                   f"{escape(_one_line(str(exc)))}")
         raise SystemExit(2) from None
+
+
+def _one_line(message: str) -> str:
+    """``message`` on one printable line: whitespace runs become one space; control and format
+    characters (NUL, right-to-left overrides, zero-width spaces) and lone surrogates show as
+    their escapes."""
+    import unicodedata
+
+    return "".join(ch.encode("unicode_escape").decode("ascii")
+                   if unicodedata.category(ch) in ("Cc", "Cf", "Cs") else ch
+                   for ch in " ".join(message.split()))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from memlens.errors import InputFileError
+from memlens.errors import InputFileError, InvalidArgument
 
 
 def read_text(path: str | Path, what: str) -> str:
@@ -25,3 +25,16 @@ def read_text(path: str | Path, what: str) -> str:
         raise InputFileError(f"{what} {str(path)!r} is a directory, expected a file") from None
     except OSError as exc:
         raise InputFileError(f"cannot read {what} {str(path)!r}: {exc.strerror or exc}") from None
+
+
+def check_unicode(text: str, what: str) -> str:
+    """``text`` unchanged, or :class:`InvalidArgument` naming ``what`` when it holds a lone
+    surrogate (a ``"\\ud800"`` JSON escape, or a non-UTF-8 byte in a command-line argument):
+    no tokenizer accepts one."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidArgument(f"{what} {text!r:.80} is not valid Unicode text: it holds the lone "
+                              f"surrogate {text[exc.start]!r} at character {exc.start} (from a "
+                              "'\\ud800'-style JSON escape or a non-UTF-8 byte)") from None
+    return text

@@ -42,7 +42,6 @@ clean run, bit for bit. Other attention implementations (flash, flex) are refuse
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -54,9 +53,9 @@ import numpy as np
 import torch
 
 from memlens.cache import cache_dir
-from memlens.errors import EmptyInput, InvalidArgument, MemlensError, SubjectNotFound
+from memlens.errors import EmptyInput, InvalidArgument, MemlensError
 from memlens.tokens import Span, subject_span, target_ids
-from memlens.trace.average import append_resume, progress_bar, read_resume, wrong_prediction
+from memlens.trace.average import KnownFacts
 from memlens.trace.runs import depth_scaled_window, window_layers
 
 if TYPE_CHECKING:
@@ -330,22 +329,16 @@ def average_knockout(handle: ModelHandle, facts: Sequence[dict[str, str]], *,
     L = handle.n_layers
     window = default_knockout_window(L) if window is None else window
     settings = json.dumps([handle.fingerprint(), "knockout", window])
-    done = read_resume(resume)
     curves: dict[str, list[np.ndarray]] = {name: [] for name in SOURCES}
-    p_clean, skipped = [], []
-    n_wrong = n_invalid = 0
-    for fact in progress_bar(facts, progress, "knocking out facts"):
-        key = hashlib.sha256(json.dumps([settings, fact], sort_keys=True).encode()).hexdigest()
-        record = done.get(key) or _knockout_one(handle, fact, window)
-        if key not in done:
-            append_resume(resume, {"key": key, **record})
-        if "skipped" in record:
-            n_wrong += record["skipped"] == "wrong"
-            n_invalid += record["skipped"] != "wrong"
-            skipped.append({"prompt": fact.get("prompt", ""), "subject": fact.get("subject", ""),
-                            "reason": record["reason"]})
-            continue
-        result = KnockoutResult.from_json(record["result"])
+    p_clean = []
+
+    def run(prompt: str, subject: str, fact: dict[str, str]) -> dict[str, Any]:
+        return knockout_fact(handle, prompt, subject, window=window).to_json()
+
+    runs = KnownFacts(handle, facts, run, label="knocking out facts", progress=progress,
+                      settings=settings, resume=resume)
+    for data in runs:
+        result = KnockoutResult.from_json(data)
         p_clean.append(result.p_clean)
         for name, curve in result.relative.items():
             if not np.all(np.isnan(curve)):
@@ -356,21 +349,8 @@ def average_knockout(handle: ModelHandle, facts: Sequence[dict[str, str]], *,
         n_layers=L, window=window, relative=relative,
         n_per_source={name: len(c) for name, c in curves.items()},
         p_clean=float(np.mean(p_clean)) if p_clean else float("nan"), n_facts=len(p_clean),
-        n_skipped_wrong=n_wrong, n_skipped_invalid=n_invalid, skipped=skipped)
-
-
-def _knockout_one(handle: ModelHandle, fact: dict[str, str], window: int) -> dict[str, Any]:
-    """Knock out one fact, or say why it was skipped ({"skipped": "wrong"|"invalid", "reason"})."""
-    prompt, subject = fact.get("prompt", ""), fact.get("subject", "")
-    prompt = prompt.format(subject) if "{}" in prompt else prompt
-    try:
-        wrong = wrong_prediction(handle, prompt, fact.get("attribute"))
-        if wrong:
-            return {"skipped": "wrong", "reason": wrong}
-        result = knockout_fact(handle, prompt, subject, window=window)
-    except (SubjectNotFound, EmptyInput) as exc:
-        return {"skipped": "invalid", "reason": str(exc)}
-    return {"result": result.to_json()}
+        n_skipped_wrong=runs.n_skipped_wrong, n_skipped_invalid=runs.n_skipped_invalid,
+        skipped=runs.skipped)
 
 
 # ── figure ───────────────────────────────────────────────────────────────────

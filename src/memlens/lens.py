@@ -44,10 +44,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from memlens.errors import EmptyInput, InputFileError, InvalidArgument, SubjectNotFound
+from memlens.errors import EmptyInput, InputFileError, InvalidArgument
 from memlens.hooks import capture
 from memlens.tokens import subject_span, target_ids
-from memlens.trace.average import GROUPS, progress_bar, token_groups, wrong_prediction
+from memlens.trace.average import GROUPS, KnownFacts, token_groups
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -283,24 +283,15 @@ def average_lens(handle: ModelHandle, facts: Sequence[dict[str, str]],
     L = handle.n_layers
     sums = {kind: np.zeros((len(GROUPS), L)) for kind in kinds}
     counts = dict.fromkeys(GROUPS, 0)
-    chances, skipped = [], []
-    n_wrong = n_invalid = 0
-    for fact in progress_bar(facts, progress, "reading facts with the lens"):
-        prompt, subject = fact.get("prompt", ""), fact.get("subject", "")
-        prompt = prompt.format(subject) if "{}" in prompt else prompt
-        try:
-            reason = wrong_prediction(handle, prompt, fact.get("attribute"))
-            if reason:
-                n_wrong += 1
-                skipped.append({"prompt": prompt, "subject": subject, "reason": reason})
-                continue
-            if not attributes.get(subject):
-                raise EmptyInput(f"no attributes for subject {subject!r}")
-            result = lens_fact(handle, prompt, subject, attributes[subject], k=k, kinds=kinds)
-        except (SubjectNotFound, EmptyInput) as exc:
-            n_invalid += 1
-            skipped.append({"prompt": prompt, "subject": subject, "reason": str(exc)})
-            continue
+    chances = []
+
+    def run(prompt: str, subject: str, fact: dict[str, str]) -> LensResult:
+        if not attributes.get(subject):
+            raise EmptyInput(f"no attributes for subject {subject!r}")
+        return lens_fact(handle, prompt, subject, attributes[subject], k=k, kinds=kinds)
+
+    runs = KnownFacts(handle, facts, run, label="reading facts with the lens", progress=progress)
+    for result in runs:
         chances.append(result.chance)
         for g, tokens in enumerate(token_groups(len(result.tokens),
                                                 result.subject_range).values()):
@@ -313,7 +304,8 @@ def average_lens(handle: ModelHandle, facts: Sequence[dict[str, str]],
     return AverageLens(
         kinds=list(kinds), n_layers=L, k=k, rate=rate, group_counts=counts,
         chance=float(np.mean(chances)) if chances else float("nan"), n_facts=len(chances),
-        n_skipped_wrong=n_wrong, n_skipped_invalid=n_invalid, skipped=skipped)
+        n_skipped_wrong=runs.n_skipped_wrong, n_skipped_invalid=runs.n_skipped_invalid,
+        skipped=runs.skipped)
 
 
 # ── figures ──────────────────────────────────────────────────────────────────

@@ -217,6 +217,11 @@ def _resolve_source(ref: str) -> str:
         if is_partial_save(path):
             raise ModelNotFound(f"{ref!r} is the temporary folder of an unfinished save, not a "
                                 "model; load the directory the save was writing to")
+        from memlens.organisms.registry import BUILDING
+
+        if path.name.startswith(BUILDING):
+            raise ModelNotFound(f"{ref!r} is the temporary folder of an unfinished or killed "
+                                "organism build, not a model; load organism:NAME instead")
         if not (path / "config.json").exists():
             raise ModelNotFound(f"directory {str(path)!r} has no config.json: not a HF model")
         return str(path)

@@ -317,6 +317,9 @@ def _ranges(layers: list[int]) -> str:
         else ",".join(map(str, layers))
 
 
+MAX_LAYERS = 10_000  # more than any model has: bounds the ranges parse_layers expands
+
+
 def parse_layers(spec: str) -> list[int]:
     """"3-8" → [3..8]; "2,5,7" → [2, 5, 7]; "4" → [4]."""
     layers: list[int] = []
@@ -324,6 +327,9 @@ def parse_layers(spec: str) -> list[int]:
         for part in spec.split(","):
             if "-" in part:
                 lo, hi = part.split("-")
+                if int(hi) - int(lo) > MAX_LAYERS:
+                    raise MemlensError(f"layer range {part!r} spans more layers than any model "
+                                       f"has (at most {MAX_LAYERS})")
                 layers.extend(range(int(lo), int(hi) + 1))
             elif part.strip():
                 layers.append(int(part))

@@ -366,9 +366,15 @@ class _SuffixPasses:
         self.tuple_len = structure[0]
         self.entry = cache[points[0]][:, P:] if points else None
         keep = self.attention[:, None, :P, None].bool()  # padded keys/values → 0, not NaN
+        layers = kv_cache_of(out).layers
         self.prefix_kv = [(torch.where(keep, layer.keys[:, :, :P], 0.0),
                            torch.where(keep, layer.values[:, :, :P], 0.0))
-                          for layer in kv_cache_of(out).layers[self.skipped:]] if P else None
+                          for layer in layers[self.skipped:]] if P else None
+        # skipped blocks never read their cache layer: a zero-stride stand-in of the prefix's
+        # shape keeps the cache's length (read from layer 0) without copying anything, also
+        # when every block is skipped (the point is the last block's output)
+        self.stand_in = tuple(t.new_zeros(()).expand(1, t.shape[1], P, *t.shape[3:])
+                              for t in (layers[0].keys, layers[0].values))
 
     def column(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return positions - self.lookups[rows]
@@ -387,11 +393,7 @@ class _SuffixPasses:
         if self.prefix_kv is not None:
             from transformers import DynamicCache
 
-            # skipped blocks never read their cache layer: a zero-stride stand-in of the right
-            # length keeps the cache's length (read from layer 0) without copying anything
-            k0, v0 = self.prefix_kv[0]
-            stand_in = (k0.new_zeros(()).expand(len(rows), *k0.shape[1:]),
-                        v0.new_zeros(()).expand(len(rows), *v0.shape[1:]))
+            stand_in = tuple(t.expand(len(rows), -1, -1, -1) for t in self.stand_in)
             past = DynamicCache([stand_in] * self.skipped
                                 + [(k[rows], v[rows]) for k, v in self.prefix_kv],
                                 config=model.config)

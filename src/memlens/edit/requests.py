@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from memlens.errors import EmptyInput, MemlensError, SubjectNotFound
-from memlens.files import read_text
+from memlens.files import check_unicode, read_text
 from memlens.tokens import subject_span, target_ids
 
 
@@ -50,6 +50,9 @@ class EditRequest:
         if self.target_true is not None and not isinstance(self.target_true, str):
             raise InvalidRequest(f"target_true of the request about {self.subject!r} must be a "
                                  f"string, got {type(self.target_true).__name__}")
+        for name in ("prompt", "subject", "target_new", "target_true"):
+            if getattr(self, name) is not None:
+                check_unicode(getattr(self, name), f"{name} of an edit request")
         if not self.subject.strip():
             raise EmptyInput(f"the subject of request {self.describe()} is empty")
         if not isinstance(self.prompt, str) or not self.prompt.strip():
@@ -63,6 +66,13 @@ class EditRequest:
             object.__setattr__(self, "prompt", self.prompt.replace(self.subject, "{}", 1))
         if self.prompt.count("{}") != 1:
             raise InvalidRequest(f"prompt {self.prompt!r} must contain exactly one '{{}}'")
+        try:
+            filled = self.prompt.format(self.subject)
+        except (ValueError, KeyError, IndexError):
+            filled = None
+        if filled != self.prompt.replace("{}", self.subject):
+            raise InvalidRequest(f"prompt {self.prompt!r} may hold no braces besides the one "
+                                 "'{}' where the subject goes")
         if not isinstance(self.target_new, str) or not self.target_new.strip():
             raise EmptyInput(f"target_new of request {self.describe()} is empty")
 

@@ -12,6 +12,11 @@ n requests at once — then ES/PS/NS/Score are measured on all n cases and GE on
 (bit-exact) before the next point. Statistics, context templates and the single edited layer of
 ROME/FT-L are set up once. Each finished point is appended to ``points.jsonl`` in ``out_dir``;
 a re-run with the same settings skips the points already there (resume after an interrupt).
+
+A metric no edited case can give (GE with ``ge_cases=0`` or without generation prompts, NS
+without neighbourhood prompts, ...) stays NaN on the points (the plot leaves a gap) and is
+written ``{"value": null, "reason": ...}`` (:mod:`memlens.missing`) by ``to_dict``, ``table``
+and the progress lines; the reasons come from the valid cases actually edited at each n.
 """
 
 from __future__ import annotations
@@ -26,9 +31,16 @@ from typing import Any
 
 from memlens.edit.requests import validate_request
 from memlens.errors import MemlensError
-from memlens.evaluate.counterfact import CounterFactCase, case_metrics, summarize
+from memlens.evaluate.counterfact import (
+    CounterFactCase,
+    bench_reasons,
+    case_metrics,
+    explain_metrics,
+    summarize,
+)
 from memlens.evaluate.fluency import ngram_entropy
 from memlens.evaluate.scoring import generate
+from memlens.missing import format_value
 
 METHODS = ("memit", "rome", "ft-l", "ft")
 METRICS = ("Score", "ES", "PS", "NS", "GE")
@@ -45,14 +57,18 @@ class ScalingPoint:
     PS: float
     NS: float
     Score: float
-    GE: float  # on the first ge_cases cases
+    GE: float  # on the first ge_cases cases (NaN when none: see ScalingResult.reasons)
     seconds: float  # wall time of the editing (not of the evaluation)
     extra: dict[str, Any] = field(default_factory=dict)  # layers, z summary, skipped, ...
 
 
 @dataclass
 class ScalingResult:
-    """All points, the unedited model's numbers at each n, and the settings (JSON via to_dict)."""
+    """All points, the unedited model's numbers at each n, and the settings (JSON via to_dict).
+
+    ``points`` and ``pre`` hold NaN where a metric cannot be computed; ``to_dict`` and
+    ``table`` put ``missing(reason)`` there, the reason taken from ``reasons``.
+    """
 
     model: str
     sizes: list[int]
@@ -60,16 +76,31 @@ class ScalingResult:
     points: list[ScalingPoint]
     pre: dict[int, dict[str, float]]  # n → ES/PS/NS/Score/GE of the unedited model
     settings: dict[str, Any]
+    reasons: dict[int, dict[str, str]] = field(default_factory=dict)  # n → {metric: why none}
+
+    def explained(self, n: int, values: dict[str, Any]) -> dict[str, Any]:
+        """``values`` (a point's or ``pre[n]``'s metrics) with NaN metrics as missing(reason)."""
+        return explain_metrics(values, METRICS, self.reasons.get(n, {}))
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (``scaling.json``); settings left unset (None: chosen at run time, as
+        ``layers``/``layer`` record, or unused by the methods run) are left out."""
         return {"model": self.model, "sizes": self.sizes, "methods": self.methods,
-                "points": [asdict(p) for p in self.points],
-                "pre": {str(k): v for k, v in self.pre.items()}, "settings": self.settings}
+                "points": [self.explained(p.n, asdict(p)) for p in self.points],
+                "pre": {str(n): self.explained(n, v) for n, v in self.pre.items()},
+                "settings": _set_only(self.settings)}
 
     def table(self) -> list[dict[str, Any]]:
-        """One row per (method, n): the metrics and the seconds."""
-        return [{"method": p.method, "n": p.n, **{m: getattr(p, m) for m in METRICS},
-                 "seconds": p.seconds} for p in self.points]
+        """One row per (method, n): the metrics (missing(reason) where none) and the seconds."""
+        return [self.explained(p.n, {"method": p.method, "n": p.n,
+                                     **{m: getattr(p, m) for m in METRICS},
+                                     "seconds": p.seconds}) for p in self.points]
+
+
+def _set_only(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` without its None values, at any depth."""
+    return {k: _set_only(v) if isinstance(v, dict) else v
+            for k, v in settings.items() if v is not None}
 
 
 def parse_sizes(spec: str) -> list[int]:
@@ -154,6 +185,7 @@ def bench_edits(
     if len(chosen) < sizes[-1]:
         sizes = sorted({min(s, len(chosen)) for s in sizes})
     requests = [c.request for c in chosen]
+    reasons = {n: bench_reasons(chosen, n, ge_cases) for n in sizes}
     mhp = memit_hparams or MEMITHyperParams.for_model(handle)
     rhp = rome_hparams or ROMEHyperParams.for_model(handle)
     fhp = ft_hparams or FTHyperParams.constrained(handle)
@@ -229,11 +261,12 @@ def bench_edits(
                 _append_point(out_dir, key, method, n, record)
             points.append(ScalingPoint(method=method, n=n, **record))
             if progress:
-                print(f"{method:6s} n={n:5d}  Score {record['Score']:.3f}  ES {record['ES']:.3f}"
-                      f"  PS {record['PS']:.3f}  NS {record['NS']:.3f}  GE {record['GE']:.3f}"
-                      f"  {record['seconds']:.1f}s")
+                shown = explain_metrics(record, METRICS, reasons[n])
+                print(f"{method:6s} n={n:5d}  " + "  ".join(
+                    f"{m} {format_value(shown[m], 3)}" for m in METRICS)
+                    + f"  {record['seconds']:.1f}s")
     result = ScalingResult(model=handle.ref, sizes=list(sizes), methods=list(methods),
-                           points=points, pre=pre, settings=settings)
+                           points=points, pre=pre, settings=settings, reasons=reasons)
     if out_dir is not None:
         out = Path(out_dir)
         (out / "scaling.json").write_text(json.dumps(result.to_dict(), indent=2, default=str))

@@ -175,11 +175,13 @@ def unavailable(cases: Sequence[CounterFactCase], *,
 
 def bench_reasons(cases: Sequence[CounterFactCase], n: int, ge_cases: int) -> dict[str, str]:
     """Why a ``bench-edits`` point lacks a metric: ES/PS/NS/Score are measured on the first
-    ``n`` cases, GE on the generations of the first ``ge_cases`` (see
-    :func:`memlens.edit.scaling.bench_edits`); {metric: reason} for those none can give."""
+    ``n`` of ``cases`` (the valid cases bench edits), GE on the generations of the first
+    ``ge_cases`` of those (see :func:`memlens.edit.scaling.bench_edits`); {metric: reason} for
+    those none can give."""
     reasons = {k: v for k, v in unavailable(cases[:n], generation=None).items()
                if k not in ("GE", "RS")}
-    ge = unavailable(cases[:ge_cases]).get("GE") if ge_cases else "GE is off (ge_cases 0)"
+    ge = unavailable(cases[:min(n, ge_cases)]).get("GE") if ge_cases else \
+        "GE is off (ge_cases 0)"
     return reasons | ({"GE": ge} if ge else {})
 
 

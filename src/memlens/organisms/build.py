@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from memlens.missing import explain, missing
 from memlens.organisms import corpus as C
 from memlens.organisms.stdlib_text import stdlib_texts
 from memlens.organisms.tokenizer import train_tokenizer
@@ -335,6 +336,8 @@ def evaluate_organism(path: str | Path, recall_site: bool = False) -> dict:
 
     Keys: fact_accuracy, paraphrase_accuracy, memorized_fraction_by_repeats (repeats → fraction
     of paragraphs with EM = 50/50), n_facts, n_known_facts, n_params, train_seconds, recall_site.
+    A value it cannot give (recall_site unless requested; n_known_facts and build_seconds of a
+    build older than those fields) is ``missing(reason)`` (:mod:`memlens.missing`).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -364,17 +367,20 @@ def evaluate_organism(path: str | Path, recall_site: bool = False) -> dict:
                                            if p["repeats"] == r) / len(v)
                                for r, v in sorted(by_rep.items())},
         "n_facts": len(facts),
-        "n_known_facts": meta.get("n_known_facts"),
+        "n_known_facts": explain(meta.get("n_known_facts"), OLD_BUILD),
         "n_counterfact_cases": len(cases),
         "n_params": meta["n_params"],
         "train_seconds": meta["train_seconds"],
-        "build_seconds": meta.get("build_seconds"),
+        "build_seconds": explain(meta.get("build_seconds"), OLD_BUILD),
         "final_loss": meta["final_loss"],
-        # Recall site from causal tracing (issue 10): filled by `recall_site()` once memlens.trace
-        # is available; None until then.
-        "recall_site": recall_site_report(path) if recall_site else None,
+        "recall_site": explain(recall_site_report(path), "memlens.trace could not be imported")
+        if recall_site else missing("not computed: pass recall_site=True (memlens organism "
+                                    "eval --recall-site)"),
     }
     return report
+
+
+OLD_BUILD = "not recorded in organism.json (built by an older memlens)"
 
 
 def recall_site_report(path: str | Path, n_facts: int = 100, *, samples: int = 10,
@@ -384,7 +390,8 @@ def recall_site_report(path: str | Path, n_facts: int = 100, *, samples: int = 1
 
     Returns `AverageTrace.recall_site()` — {aie_last_subject_token: {hidden|mlp|attn: {max,
     layer}}, aie_last_token: {...}, te, n_facts, n_skipped} — plus `te_fraction_last_subject`
-    (hidden AIE at the last subject token / TE). None when `memlens.trace` is unavailable.
+    (hidden AIE at the last subject token / TE; `missing(reason)` when TE is 0 or no fact was
+    traced). None when `memlens.trace` is unavailable.
     """
     try:
         from memlens.model import load_model
@@ -399,7 +406,9 @@ def recall_site_report(path: str | Path, n_facts: int = 100, *, samples: int = 1
     if out_json is not None:
         Path(out_json).write_text(json.dumps(avg.to_json(), indent=1, default=float))
     site = avg.recall_site()
-    te = site["te"]
-    site["te_fraction_last_subject"] = (site["aie_last_subject_token"]["hidden"]["max"] / te
-                                        if te else float("nan"))
+    te, hidden = site["te"], site["aie_last_subject_token"]["hidden"]["max"]
+    site["te_fraction_last_subject"] = (
+        hidden / te if isinstance(hidden, float) and isinstance(te, float) and te else
+        missing(avg.untraced() if avg.n_facts == 0 else "TE is 0: the corrupted subject does "
+                "not lower P(answer), so no share of it can be attributed"))
     return site

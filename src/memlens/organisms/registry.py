@@ -6,10 +6,15 @@
     cf = organism_file("organism:tiny", "counterfact.json")  # or a directory instead of a name
     sorted(ORGANISMS)                                       # ['facts-gpt2', 'facts-llama', ...]
 
-A build is keyed by a hash of the generator version + spec + seed. It is trained into a
-temporary directory next to the final one and renamed into place only when complete; a
-directory without the completion marker (a killed build) is never loaded: it is removed and
-rebuilt. ``MEMLENS_HOME`` overrides the cache root (default ``~/.cache/memlens``).
+A build is keyed by a hash of the generator version + spec + seed. It is trained into
+``.building-<name>-<key>/`` next to the final directory and renamed into place only when
+complete; a directory without the completion marker (a killed build) is never loaded: it is
+removed and rebuilt. A killed build resumes from its last training checkpoint when the same
+key is built again; a successful build removes the ``.building-*`` directories no registered
+organism would resume (other keys) and no process is building. The empty ``.lock-<name>-<key>``
+files that serialise builders stay (removing one while another process waits on it would let
+two processes build at once). ``MEMLENS_HOME`` overrides the cache root (default
+``~/.cache/memlens``).
 
 A shipped organism (``SHIPPED_ROOT/<name>/``, read-only package data written only by
 :func:`memlens.organisms.ship.ship`) is used when its ``MANIFEST.json`` has the spec's key and
@@ -18,6 +23,7 @@ its files have the sizes the manifest lists; otherwise memlens warns once and us
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -25,6 +31,7 @@ import shutil
 import sys
 import tempfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -34,6 +41,7 @@ from memlens.organisms.corpus import GENERATOR_VERSION, FactConfig
 
 PYTHON_VERSION = "{}.{}".format(*sys.version_info[:2])
 COMPLETE = ".complete"  # marker file written last, inside the final directory
+BUILDING = ".building-"  # prefix of the directory a build trains into (renamed when complete)
 PREFIX = "organism:"
 SHIPPED_ROOT = Path(__file__).with_name("shipped")  # package data: one directory per organism
 MANIFEST = "MANIFEST.json"  # in a shipped directory: name, key, python, files → sha256, sizes
@@ -223,22 +231,48 @@ def ensure(name: str, *, progress: bool = True, from_scratch: bool = False) -> P
     root = final.parent
     try:
         root.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=root, prefix=".probe-", delete=True)
-        probe.close()
+        tempfile.TemporaryFile(dir=root).close()  # unnamed where the OS allows: nothing to leak
     except OSError as e:
         raise MemlensError(f"cannot write the organism cache at {root} ({e.strerror or e}); set "
                            f"MEMLENS_HOME to a writable directory") from e
     # One builder at a time per organism (other processes wait, then find it built).
-    with open(root / f".lock-{final.name}", "w") as lock:
-        try:
-            import fcntl
-
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        except ImportError:  # not on POSIX: no cross-process lock
-            pass
+    with _build_lock(root, final.name):
         if is_built(final):
             return final
         return _build(spec, final, progress)
+
+
+@contextlib.contextmanager
+def _build_lock(root: Path, name: str, *, wait: bool = True) -> Iterator[bool]:
+    """Hold the lock of building ``name`` (an flock on ``root/.lock-NAME``, released on exit);
+    yields False instead when ``wait`` is False and another process holds it. Without fcntl
+    (not POSIX) there is no cross-process lock and it always yields True."""
+    with open(root / f".lock-{name}", "a") as lock:
+        try:
+            import fcntl
+        except ImportError:
+            yield True
+            return
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+
+
+def _remove_dead_builds(root: Path) -> None:
+    """Remove the ``.building-*`` directories in ``root`` that no registered organism resumes
+    (killed builds of another key: another generator or Python version, a changed or removed
+    spec) and that no process is building now (their lock is free)."""
+    resumable = {organism_dir(name).name for name in ORGANISMS}
+    for tmp in root.glob(f"{BUILDING}*"):
+        name = tmp.name.removeprefix(BUILDING)
+        if name in resumable or not tmp.is_dir():
+            continue
+        with contextlib.suppress(OSError), _build_lock(root, name, wait=False) as free:
+            if free:
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _build(spec: OrganismSpec, final: Path, progress: bool) -> Path:
@@ -246,7 +280,7 @@ def _build(spec: OrganismSpec, final: Path, progress: bool) -> Path:
     if final.exists():  # half-written or stale: never load it
         shutil.rmtree(final, ignore_errors=True)
     # Build in a stable temp dir so an interrupted build resumes from its checkpoint.
-    tmp = root / f".building-{final.name}"
+    tmp = root / f"{BUILDING}{final.name}"
     from memlens.organisms.build import build_organism
 
     try:
@@ -268,6 +302,7 @@ def _build(spec: OrganismSpec, final: Path, progress: bool) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
     except OSError as e:
         raise MemlensError(f"could not build organism {spec.name!r} in {root}: {e}") from e
+    _remove_dead_builds(root)
     return final
 
 

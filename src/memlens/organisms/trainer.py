@@ -208,6 +208,7 @@ def train(model, data, cfg: TrainConfig, out_dir: str | Path | None = None, *, e
     ckpt = Path(out_dir) / CHECKPOINT if out_dir is not None else None
     if ckpt is not None and rank == 0:
         ckpt.parent.mkdir(parents=True, exist_ok=True)
+        ckpt.with_suffix(".tmp").unlink(missing_ok=True)  # a checkpoint write killed half-way
     start, tokens, history = 0, 0, []
     if ckpt is not None and ckpt.exists():
         state = torch.load(ckpt, map_location=device, weights_only=True)

@@ -133,6 +133,7 @@ def _organism(handle, directory: Path, config: DemoConfig, found: dict) -> Secti
 
 
 def _trace(handle, directory: Path, config: DemoConfig, found: dict) -> Section:
+    from memlens.edit.hparams import ROMEHyperParams
     from memlens.edit.memit import band_around_peak
     from memlens.organisms.registry import organism_file
     from memlens.trace import average_trace, load_facts, select_facts, trace_cache, trace_fact
@@ -153,11 +154,13 @@ def _trace(handle, directory: Path, config: DemoConfig, found: dict) -> Section:
     if band is not None:  # the editing sections edit where this organism recalls
         curve = avg.effect("mlp", "last_subject")
         found["edit_layers"] = band
-        found["edit_layer"] = max(band, key=lambda layer: curve[layer])
-    untraced = (f"no fact was traced: of {len(chosen)}, the model answered "
-                f"{avg.n_skipped_wrong} wrongly and {avg.n_skipped_invalid} were invalid")
-    rows = [[kind, *(value for place in ("aie_last_subject_token", "aie_last_token")
-                     for value in _peak(site[place][kind], untraced))]
+        # ROME's own default for this model (organisms: layer 0) when it has one, else the
+        # band's strongest MLP (on facts-gpt2 MLPs 0 and 1 tie; layer 0 edits best)
+        default = ROMEHyperParams.for_model(handle).layer
+        found["edit_layer"] = default if default in band else max(band, key=lambda i: curve[i])
+    rows = [[kind, *(site[place][kind][key] for place in ("aie_last_subject_token",
+                                                          "aie_last_token")
+                     for key in ("max", "layer"))]
             for kind in site["aie_last_subject_token"]]
     return Section(
         key="", title="", model=config.model,
@@ -167,7 +170,7 @@ def _trace(handle, directory: Path, config: DemoConfig, found: dict) -> Section:
         hparams={"samples": config.trace_samples, "noise": single.noise, "window": single.window},
         summary={"prompt": fact["prompt"], "answer": single.answer, "p_clean": single.p_clean,
                  "p_corrupted": single.p_corrupted, "facts_traced": avg.n_facts,
-                 "facts_skipped_wrong": avg.n_skipped_wrong, "ATE": explain(avg.ate, untraced)},
+                 "facts_skipped_wrong": avg.n_skipped_wrong, "ATE": site["te"]},
         tables=[Table("Recall site: max AIE over layers", ["kind", "last subject token",
                       "layer", "last token", "layer"], rows)],
         figures=_figures(directory, figures),
@@ -176,14 +179,6 @@ def _trace(handle, directory: Path, config: DemoConfig, found: dict) -> Section:
              "the probability of the correct answer after each restoration. The average over "
              "known facts groups tokens as in the paper.",
     )
-
-
-def _peak(peak: dict[str, Any], reason: str) -> list[Any]:
-    """[max AIE, its layer] of one recall-site entry, both ``missing(reason)`` when the curve
-    had no value (``recall_site`` gives NaN at layer -1)."""
-    if peak["layer"] < 0:
-        return [missing(reason), missing(reason)]
-    return [peak["max"], peak["layer"]]
 
 
 def _rome(handle, directory: Path, config: DemoConfig, found: dict) -> Section:
@@ -232,9 +227,8 @@ def _rome(handle, directory: Path, config: DemoConfig, found: dict) -> Section:
 
 
 def _memit(handle, directory: Path, config: DemoConfig, found: dict) -> Section:
-    from memlens.edit.scaling import METRICS, bench_edits, plot_scaling
+    from memlens.edit.scaling import bench_edits, plot_scaling
     from memlens.evaluate import load_counterfact
-    from memlens.evaluate.counterfact import bench_reasons, explain_metrics
     from memlens.organisms.registry import organism_file
 
     cases = load_counterfact(organism_file(config.model, "counterfact.json"))
@@ -245,7 +239,6 @@ def _memit(handle, directory: Path, config: DemoConfig, found: dict) -> Section:
     (directory / "scaling.json").write_text(json.dumps(result.to_dict(), indent=1, default=str))
     rows = []
     for r in result.table():
-        r = explain_metrics(r, METRICS, bench_reasons(cases, r["n"], config.memit_ge_cases))
         rows.append([r["method"], r["n"], r["ES"], r["PS"], r["NS"], r["Score"], r["GE"],
                      r["seconds"]])
     return Section(

@@ -15,13 +15,20 @@ IE = p_restored − p_corrupted (each token with its own fact's p_corrupted); th
 effect ATE is the mean of p_clean − p_corrupted over facts. Facts whose ``attribute`` is not the
 model's top next token are skipped and counted (the paper traces only known facts), as are
 facts whose subject is not in the prompt.
+
+A group no traced fact has a token of (no middle subject token when every subject is one or two
+tokens; nothing at all when no fact was traced) has NaN AIE. ``aie`` keeps those NaN rows, so
+the arrays stay numeric for plots and arithmetic; the JSON (``to_json``, ``trace_avg.json``)
+writes such a row as one ``{"value": null, "reason": ...}`` (:mod:`memlens.missing`) in place of
+its list of per-layer values, ``recall_site`` and ATE/p_clean/p_corrupted likewise, so every
+number in the JSON is a number or says why it is missing.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,8 +37,9 @@ import numpy as np
 import torch
 
 from memlens.cache import cache_dir
-from memlens.errors import EmptyInput, MemlensError, SubjectNotFound
-from memlens.files import read_text
+from memlens.errors import EmptyInput, InvalidArgument, MemlensError, SubjectNotFound
+from memlens.files import check_unicode, read_text
+from memlens.missing import explain, missing
 from memlens.tokens import target_ids
 from memlens.trace.noise import NoiseArg, resolve_noise
 from memlens.trace.runs import KINDS, TraceResult, check_kinds, default_window, trace_fact
@@ -70,6 +78,11 @@ def load_facts(path: str | Path) -> list[dict[str, str]]:
         true = rewrite.get("target_true")
         attribute = rewrite.get("attribute") or (true.get("str") if isinstance(true, dict)
                                                  else true)
+        if attribute is not None and not isinstance(attribute, str):
+            raise MemlensError(f"fact {i} of {path}: the attribute must be a string, got "
+                               f"{type(attribute).__name__} {attribute!r:.80}")
+        for text in (prompt, subject, attribute or ""):
+            check_unicode(text, f"fact {i} of {path}:")
         fact = {"prompt": prompt.replace("{}", subject, 1), "subject": subject}
         if attribute:
             fact["attribute"] = attribute
@@ -88,6 +101,8 @@ def select_facts(facts: Sequence[dict[str, str]], n: int | None = None,
     relations that exist, when none matches.
     """
     facts = list(facts)
+    if n is not None and n < 1:
+        raise InvalidArgument(f"the number of facts (--n) must be ≥ 1, got {n}")
     if relations:
         wanted = set(relations)
         known = sorted({f.get("relation", "") for f in facts} - {""})
@@ -138,37 +153,61 @@ class AverageTrace:
         """AIE per layer of ``kind`` at token ``group``."""
         return self.aie[kind][GROUPS.index(group)]
 
+    def untraced(self) -> str:
+        """Why nothing could be averaged: how many facts were skipped, and why."""
+        first = f" (first: {self.skipped[0]['reason']})" if self.skipped else ""
+        return (f"no fact was traced: of {self.n_facts + len(self.skipped)} facts, the model "
+                f"answered {self.n_skipped_wrong} wrongly and {self.n_skipped_invalid} were "
+                f"invalid{first}")
+
+    def group_reason(self, group: str) -> str:
+        """Why the AIE at token ``group`` has no value (its count of tokens is 0)."""
+        if self.n_facts == 0:
+            return self.untraced()
+        label = GROUP_LABELS[GROUPS.index(group)].lower()
+        return f"no {label.removesuffix('s')} in any of the {self.n_facts} traced facts"
+
     def recall_site(self) -> dict[str, Any]:
         """Where recall happens: AIE at the last subject token and at the last token (max over
         layers, and that layer) for each kind, with TE and the fact counts.
 
             {"aie_last_subject_token": {"mlp": {"max": 0.21, "layer": 2}, ...},
              "aie_last_token": {...}, "te": 0.6, "n_facts": 200, "n_skipped": 3}
+
+        The peak of a curve with no value (nothing traced) is ``missing(reason)`` as max and
+        as layer, and so is TE.
         """
-        def peak(group: str) -> dict[str, dict[str, float | int]]:
+        def peak(group: str) -> dict[str, dict[str, Any]]:
             out = {}
             for kind in self.kinds:
                 curve = self.effect(kind, group)
-                layer = int(np.nanargmax(curve)) if not np.all(np.isnan(curve)) else -1
-                out[kind] = {"max": float(curve[layer]) if layer >= 0 else float("nan"),
-                             "layer": layer}
+                if np.all(np.isnan(curve)):
+                    out[kind] = dict.fromkeys(("max", "layer"), missing(self.group_reason(group)))
+                else:
+                    layer = int(np.nanargmax(curve))
+                    out[kind] = {"max": float(curve[layer]), "layer": layer}
             return out
 
         return {
             "aie_last_subject_token": peak("last_subject"),
             "aie_last_token": peak("last"),
-            "te": self.ate,
+            "te": explain(self.ate, self.untraced()),
             "n_facts": self.n_facts,
             "n_skipped": self.n_skipped_wrong + self.n_skipped_invalid,
         }
 
     def to_json(self) -> dict[str, Any]:
-        """JSON-ready dict (``trace_avg.json``)."""
+        """JSON-ready dict (``trace_avg.json``): the row of a group without tokens in ``aie``,
+        and the means over no fact, are ``missing(reason)`` (see the module docstring)."""
+        untraced = self.untraced()
         return {
             "kinds": self.kinds, "groups": list(GROUPS), "n_layers": self.n_layers,
-            "aie": {k: v.tolist() for k, v in self.aie.items()},
-            "group_counts": self.group_counts, "ate": self.ate, "p_clean": self.p_clean,
-            "p_corrupted": self.p_corrupted, "n_facts": self.n_facts,
+            "aie": {k: [row.tolist() if self.group_counts[g] else missing(self.group_reason(g))
+                        for g, row in zip(GROUPS, v, strict=True)]
+                    for k, v in self.aie.items()},
+            "group_counts": self.group_counts, "ate": explain(self.ate, untraced),
+            "p_clean": explain(self.p_clean, untraced),
+            "p_corrupted": explain(self.p_corrupted, untraced), "n_facts": self.n_facts,
             "n_skipped_wrong": self.n_skipped_wrong, "n_skipped_invalid": self.n_skipped_invalid,
             "noise": self.noise, "samples": self.samples, "skipped": self.skipped,
             "recall_site": self.recall_site(),
@@ -193,27 +232,22 @@ def average_trace(handle: ModelHandle, facts: Sequence[dict[str, str]], *, n: in
     if not facts:
         raise EmptyInput("no facts to trace")
     spec = resolve_noise(handle, noise, [f["subject"] for f in facts if f.get("subject")])
-    done = read_resume(resume)
     window = default_window(handle.n_layers) if window is None else window
     settings = json.dumps([handle.fingerprint(), kinds, samples, spec.scale, spec.dist, seed,
                            window])
     L = handle.n_layers
     sums = {k: np.zeros((len(GROUPS), L)) for k in kinds}
     counts = dict.fromkeys(GROUPS, 0)
-    p_clean, p_corrupted, skipped = [], [], []
-    n_wrong = n_invalid = 0
-    for fact in progress_bar(facts, progress, "tracing facts"):
-        key = hashlib.sha256(json.dumps([settings, fact], sort_keys=True).encode()).hexdigest()
-        record = done.get(key) or _trace_one(handle, fact, kinds, samples, spec, seed, window)
-        if key not in done:
-            append_resume(resume, {"key": key, **record})
-        if "skipped" in record:
-            n_wrong += record["skipped"] == "wrong"
-            n_invalid += record["skipped"] != "wrong"
-            skipped.append({"prompt": fact.get("prompt", ""), "subject": fact.get("subject", ""),
-                            "reason": record["reason"]})
-            continue
-        result = TraceResult.from_json(record["result"])
+    p_clean, p_corrupted = [], []
+
+    def run(prompt: str, subject: str, fact: dict[str, str]) -> dict[str, Any]:
+        return trace_fact(handle, prompt, subject, kinds=kinds, samples=samples, noise=spec,
+                          seed=seed, window=window).to_json()
+
+    runs = KnownFacts(handle, facts, run, label="tracing facts", progress=progress,
+                      settings=settings, resume=resume)
+    for data in runs:
+        result = TraceResult.from_json(data)
         p_clean.append(result.p_clean)
         p_corrupted.append(result.p_corrupted)
         for g, (group, tokens) in enumerate(
@@ -227,28 +261,14 @@ def average_trace(handle: ModelHandle, facts: Sequence[dict[str, str]], *, n: in
     return AverageTrace(
         kinds=list(kinds), n_layers=L, aie=aie, group_counts=counts,
         ate=_mean(p_clean) - _mean(p_corrupted), p_clean=_mean(p_clean),
-        p_corrupted=_mean(p_corrupted), n_facts=len(p_clean), n_skipped_wrong=n_wrong,
-        n_skipped_invalid=n_invalid, noise=spec.scale, samples=samples, skipped=skipped,
+        p_corrupted=_mean(p_corrupted), n_facts=len(p_clean),
+        n_skipped_wrong=runs.n_skipped_wrong, n_skipped_invalid=runs.n_skipped_invalid,
+        noise=spec.scale, samples=samples, skipped=runs.skipped,
     )
 
 
 def _mean(values: list[float]) -> float:
     return float(np.mean(values)) if values else float("nan")
-
-
-def _trace_one(handle, fact, kinds, samples, spec, seed, window) -> dict[str, Any]:
-    """Trace one fact, or say why it was skipped ({"skipped": "wrong"|"invalid", "reason"})."""
-    prompt, subject = fact.get("prompt", ""), fact.get("subject", "")
-    prompt = prompt.format(subject) if "{}" in prompt else prompt
-    try:
-        wrong = wrong_prediction(handle, prompt, fact.get("attribute"))
-        if wrong:
-            return {"skipped": "wrong", "reason": wrong}
-        result = trace_fact(handle, prompt, subject, kinds=kinds, samples=samples, noise=spec,
-                            seed=seed, window=window)
-    except (SubjectNotFound, EmptyInput) as exc:
-        return {"skipped": "invalid", "reason": str(exc)}
-    return {"result": result.to_json()}
 
 
 def wrong_prediction(handle: ModelHandle, prompt: str, attribute: str | None) -> str | None:
@@ -305,3 +325,60 @@ def progress_bar(items: list, enabled: bool, label: str):
     from rich.progress import track
 
     yield from track(items, description=label)
+
+
+class KnownFacts:
+    """``run`` on each fact the model knows, with a progress bar and an optional resume file;
+    the other facts are skipped and counted. Iterating yields ``run``'s results in order, and
+    fills the counts as it goes.
+
+        runs = KnownFacts(handle, facts, lambda prompt, subject, fact: ..., label="tracing")
+        for result in runs: ...
+        runs.n_skipped_wrong, runs.n_skipped_invalid, runs.skipped
+
+    A fact is skipped as *wrong* when :func:`wrong_prediction` says the model does not know it,
+    as *invalid* when ``run(prompt, subject, fact)`` (prompt with "{}" filled with the subject)
+    raises SubjectNotFound or EmptyInput. With ``resume`` (a .jsonl path), ``run`` returns
+    JSON-ready data: each fact's record is appended under a key of ``settings`` (a string)
+    and the fact, and a fact already there is not run again (:func:`read_resume`).
+    """
+
+    def __init__(self, handle: ModelHandle, facts: Sequence[dict[str, str]],
+                 run: Callable[[str, str, dict[str, str]], Any], *, label: str,
+                 progress: bool = True, settings: str = "",
+                 resume: str | Path | None = None) -> None:
+        self.handle, self.facts, self.run = handle, list(facts), run
+        self.label, self.progress, self.settings, self.resume = label, progress, settings, resume
+        self.n_skipped_wrong = 0  # the model's top token was not the fact's attribute
+        self.n_skipped_invalid = 0  # subject not in the prompt, or empty
+        self.skipped: list[dict[str, str]] = []  # prompt, subject, reason
+
+    def __iter__(self) -> Iterator[Any]:
+        done = read_resume(self.resume)
+        for fact in progress_bar(self.facts, self.progress, self.label):
+            key = None if self.resume is None else hashlib.sha256(
+                json.dumps([self.settings, fact], sort_keys=True).encode()).hexdigest()
+            record = done.get(key) or self._run_one(fact)
+            if key not in done:
+                append_resume(self.resume, {"key": key, **record})
+            if "skipped" in record:
+                self.n_skipped_wrong += record["skipped"] == "wrong"
+                self.n_skipped_invalid += record["skipped"] != "wrong"
+                self.skipped.append({"prompt": fact.get("prompt", ""),
+                                     "subject": fact.get("subject", ""),
+                                     "reason": record["reason"]})
+                continue
+            yield record["result"]
+
+    def _run_one(self, fact: dict[str, str]) -> dict[str, Any]:
+        """``{"result": ...}``, or why the fact is skipped: ``{"skipped": "wrong"|"invalid",
+        "reason": ...}``."""
+        prompt, subject = fact.get("prompt", ""), fact.get("subject", "")
+        prompt = prompt.format(subject) if "{}" in prompt else prompt
+        try:
+            wrong = wrong_prediction(self.handle, prompt, fact.get("attribute"))
+            if wrong:
+                return {"skipped": "wrong", "reason": wrong}
+            return {"result": self.run(prompt, subject, fact)}
+        except (SubjectNotFound, EmptyInput) as exc:
+            return {"skipped": "invalid", "reason": str(exc)}
