@@ -56,7 +56,7 @@ from memlens.cache import cache_dir
 from memlens.errors import EmptyInput, InvalidArgument, MemlensError
 from memlens.tokens import Span, subject_span, target_ids
 from memlens.trace.average import KnownFacts
-from memlens.trace.runs import depth_scaled_window, window_layers
+from memlens.trace.runs import FactRun, depth_scaled_window, window_layers
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -160,18 +160,10 @@ def source_positions(n_tokens: int, span: Span) -> dict[str, list[int]]:
 
 
 @dataclass
-class KnockoutResult:
+class KnockoutResult(FactRun):
     """Attention knockout of one fact. ``p_blocked[source][l]`` = P(answer) with the edges
     last → ``source`` removed in the window of layers centred on l (NaN: empty source set)."""
 
-    prompt: str
-    subject: str
-    tokens: list[str]
-    input_ids: list[int]
-    subject_range: tuple[int, int]  # [first, last + 1)
-    answer: str
-    answer_id: int
-    p_clean: float  # P(answer), clean run
     window: int  # k, layers blocked together
     sources: dict[str, list[int]]  # source set → positions
     p_blocked: dict[str, np.ndarray] = field(default_factory=dict)  # source → (n_layers,)

@@ -197,11 +197,9 @@ def add_noise_hook(noise_rows: torch.Tensor, span: Span, offset: int, length: in
 
 
 @dataclass
-class TraceResult:
-    """A causal trace of one fact. ``scores[kind][t, l]`` = P(answer) after restoring (t, l).
-
-    Unrestored entries (positions not traced) are NaN (``null`` in JSON).
-    """
+class FactRun:
+    """What every per-fact experiment records first: the prompt as tokens, where the subject
+    is, the answer token and its probability in the clean run."""
 
     prompt: str
     subject: str
@@ -211,6 +209,15 @@ class TraceResult:
     answer: str
     answer_id: int
     p_clean: float  # P(answer), clean run
+
+
+@dataclass
+class TraceResult(FactRun):
+    """A causal trace of one fact. ``scores[kind][t, l]`` = P(answer) after restoring (t, l).
+
+    Unrestored entries (positions not traced) are NaN (``null`` in JSON).
+    """
+
     p_corrupted: float  # P(answer), corrupted run, mean over samples
     noise: float  # ν
     noise_dist: str
