@@ -41,11 +41,12 @@ def run_variant(variant: str, n: int, layer: int | None, model: str, out: Path) 
     """Optimise z of ``n`` requests the ``variant`` way ("batched" or "loop"); save δ to out."""
     from memlens.edit.context import context_templates
     from memlens.edit.keys import fact_token_reads
-    from memlens.edit.memit import MEMITHyperParams, middle_band
+    from memlens.edit.layers import middle_band
+    from memlens.edit.memit import MEMITHyperParams
     from memlens.edit.optimize import DeltaObjective, optimize_deltas
-    from memlens.edit.requests import answer_ids
     from memlens.evaluate import load_counterfact
     from memlens.model import load_model
+    from memlens.tokens import answer_ids
 
     torch.set_num_threads(1)
     handle = load_model(model, device="cpu")

@@ -25,7 +25,7 @@ def measure(steps: int, rounds: int) -> dict[str, float]:
     """Median tokens/s of eager and compiled training, and the compile time in seconds."""
     from memlens.organisms.build import make_model
     from memlens.organisms.registry import ORGANISMS
-    from memlens.organisms.trainer import TrainConfig, train
+    from memlens.trainer import TrainConfig, train
 
     spec = ORGANISMS["facts-gpt2"]
     data = torch.randint(0, spec.vocab_size, (steps * spec.batch_size, spec.block_size))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import statistics
 import tempfile
 import time
@@ -37,16 +36,13 @@ def _model_and_corpus(tmp: Path):
         handle = load_model("organism:facts-gpt2", device="cpu")
         return handle, None, "organism:facts-gpt2 (6×256, d_ff 1024)", "its corpus.txt"
     from memlens.arch import adapter_for
-    from memlens.testing import _TEXT, random_model
+    from memlens.testing import random_model, random_text
 
     model, tok = random_model("gpt2", vocab_size=4096, n_layer=6, n_embd=256, n_head=8,
                               n_inner=1024, n_positions=256)
     handle = ModelHandle(model=model, tokenizer=tok, arch=adapter_for(model), ref="random")
-    rng = random.Random(0)
-    words = _TEXT.replace(".", "").split()
     corpus = tmp / "corpus.txt"
-    corpus.write_text("\n".join(" ".join(rng.choice(words) for _ in range(120))
-                                for _ in range(400)))
+    corpus.write_text(random_text(400, 120))
     return handle, corpus, "random GPT-2 6×256 (d_ff 1024)", "random words, ~400 tokens/line"
 
 

@@ -38,9 +38,9 @@ def _model(arch: str):
 def measure(arch: str, steps: int, rounds: int) -> dict[str, float]:
     """Tokens/s of dense and TopK training (median over rounds of `steps` steps each)."""
     from memlens.arch import adapter_for
-    from memlens.organisms.trainer import TrainConfig, train
     from memlens.topk import to_topk
     from memlens.topk.train import AlphaSchedule
+    from memlens.trainer import TrainConfig, train
 
     data = torch.randint(0, 4096, (steps * 16, 128))
     cfg = TrainConfig(steps=steps, batch_size=16, warmup_steps=1, num_threads=2, progress=False)

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random models of every architecture, and the `tiny` organism."""
+"""Shared fixtures: tiny random models of every architecture, a random-word corpus, a private
+MEMLENS_HOME, one torch thread, and the `tiny` organism."""
 
 from __future__ import annotations
 
@@ -30,6 +31,31 @@ def random_handle(request, random_model_dirs):
     from memlens.model import load_model
 
     return load_model(str(random_model_dirs[request.param]), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def gpt2(random_model_dirs):
+    """The tiny random GPT-2 loaded on CPU (one per test module)."""
+    from memlens.model import load_model
+
+    return load_model(str(random_model_dirs["gpt2"]), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A corpus file of 200 lines of 30 random words (enough for key statistics)."""
+    from memlens.testing import random_text
+
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text(random_text(200))
+    return path
+
+
+@pytest.fixture
+def isolated_home(tmp_path, monkeypatch):
+    """A fresh MEMLENS_HOME per test (statistics, context templates and traces start empty).
+    A module asks for it with ``pytestmark = pytest.mark.usefixtures("isolated_home")``."""
+    monkeypatch.setenv("MEMLENS_HOME", str(tmp_path / "home"))
 
 
 @pytest.fixture(scope="module")

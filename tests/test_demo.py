@@ -8,7 +8,8 @@ import re
 import pytest
 
 from memlens.missing import unexplained
-from memlens.report.demo import SECTIONS, DemoConfig, run_demo
+from memlens.report.demo import run_demo
+from memlens.studies.demo import SECTIONS, DemoConfig
 
 
 @pytest.fixture(scope="module")

@@ -55,12 +55,12 @@ def digest(directory: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def gpt2(random_model_dirs) -> Path:
+def gpt2_dir(random_model_dirs) -> Path:
     return random_model_dirs["gpt2"]
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory, gpt2) -> Path:
+def inputs(tmp_path_factory, gpt2_dir) -> Path:
     """Good and bad input files side by side, and broken copies of the random gpt2."""
     import shutil
 
@@ -119,9 +119,9 @@ def inputs(tmp_path_factory, gpt2) -> Path:
         "config_list": lambda d: (d / "config.json").write_text("[1, 2]"),
         "garbage_weights": lambda d: (d / "model.safetensors").write_bytes(os.urandom(3000)),
     }.items():
-        shutil.copytree(gpt2, models / name)
+        shutil.copytree(gpt2_dir, models / name)
         damage(models / name)
-    shutil.copytree(gpt2, models / f".edited.tmp-{os.getpid()}-abc")  # an unfinished save
+    shutil.copytree(gpt2_dir, models / f".edited.tmp-{os.getpid()}-abc")  # an unfinished save
     return root
 
 
@@ -246,14 +246,14 @@ def test_fuzz_cases_are_many():
 @pytest.mark.parametrize("index", range(len(_cases(Path("i"), "m"))),
                          ids=[f"{n}-{'-'.join(a[:2])}" for n, (a, _) in
                               enumerate(_cases(Path("i"), "m"))])
-def test_bad_input_is_one_line_error_and_changes_nothing(index, inputs, gpt2, monkeypatch,
+def test_bad_input_is_one_line_error_and_changes_nothing(index, inputs, gpt2_dir, monkeypatch,
                                                          capsys, tmp_path):
     monkeypatch.chdir(tmp_path)  # anything a command writes by default lands here
-    before = digest(gpt2)
-    args, expected = _cases(inputs, str(gpt2))[index]
+    before = digest(gpt2_dir)
+    args, expected = _cases(inputs, str(gpt2_dir))[index]
     line = error_line([*args, *(["--json"] if _takes_json(args) else [])], monkeypatch, capsys)
     assert expected in line
-    assert digest(gpt2) == before
+    assert digest(gpt2_dir) == before
     assert not any(tmp_path.iterdir()), "a failed command wrote files"
 
 
@@ -266,9 +266,9 @@ def _takes_json(args: list[str]) -> bool:
 @pytest.mark.parametrize("prompt, subject", [("Atl\x00antis is a city in", "Atl\x00antis"),
                                              ("東京 is a city in", "東京"),
                                              ("🚀 is a city in", "🚀")])
-def test_odd_but_valid_text_is_traced(prompt, subject, gpt2, monkeypatch, capsys, tmp_path):
+def test_odd_but_valid_text_is_traced(prompt, subject, gpt2_dir, monkeypatch, capsys, tmp_path):
     """NUL bytes and non-Latin text are ordinary tokens: the trace runs and echoes them."""
-    code, out, err = run_cli(["trace", "-m", str(gpt2), "-p", prompt, "-s", subject,
+    code, out, err = run_cli(["trace", "-m", str(gpt2_dir), "-p", prompt, "-s", subject,
                               "--samples", "2", "--kind", "hidden", "-o", str(tmp_path / "t"),
                               "--json"], monkeypatch, capsys)
     assert code == 0 and "Traceback" not in err
@@ -276,23 +276,23 @@ def test_odd_but_valid_text_is_traced(prompt, subject, gpt2, monkeypatch, capsys
     assert result["prompt"] == prompt and result["subject_range"][0] == 0
 
 
-def test_trace_avg_with_no_traceable_fact_writes_nothing(inputs, gpt2, monkeypatch, capsys,
+def test_trace_avg_with_no_traceable_fact_writes_nothing(inputs, gpt2_dir, monkeypatch, capsys,
                                                          tmp_path):
     out = tmp_path / "avg"
-    line = error_line(["trace-avg", "-m", str(gpt2), "--facts",
+    line = error_line(["trace-avg", "-m", str(gpt2_dir), "--facts",
                        str(inputs / "facts_unknown.json"), "--samples", "2", "-o", str(out),
                        "--json"], monkeypatch, capsys)
     assert "no fact could be traced" in line and "3 were skipped" in line
     assert "nan" not in line and not out.exists()
 
 
-def test_random_model_rome_edit_did_not_take(inputs, gpt2, monkeypatch, capsys, tmp_path):
+def test_random_model_rome_edit_did_not_take(inputs, gpt2_dir, monkeypatch, capsys, tmp_path):
     """Issue 17's repro: on a random-init model the v* loss rises and P(new) does not move; the
     CLI says so in one line, exits non-zero and saves nothing; --allow-no-effect saves."""
-    base = ["edit", "rome", "-m", str(gpt2), "--request", str(inputs / "atlantis.json"),
+    base = ["edit", "rome", "-m", str(gpt2_dir), "--request", str(inputs / "atlantis.json"),
             "--hparams", str(inputs / "hp.json"), "--corpus", str(inputs / "corpus.txt"),
             "--save"]
-    before = digest(gpt2)
+    before = digest(gpt2_dir)
     code, out, err = run_cli([*base, str(tmp_path / "edited"), "--json"], monkeypatch, capsys)
     assert code != 0 and "Traceback" not in err
     result = json.loads(out)
@@ -302,7 +302,7 @@ def test_random_model_rome_edit_did_not_take(inputs, gpt2, monkeypatch, capsys, 
     lines = [x for x in err.splitlines() if x.startswith("error:")]
     assert len(lines) == 1 and "did not take" in lines[0] and "[Atlantis is a city in]" in lines[0]
     assert "middle layer" in result["layer_source"]  # the trace found no effect, and said so
-    assert digest(gpt2) == before
+    assert digest(gpt2_dir) == before
     code, out, _ = run_cli([*base, str(tmp_path / "kept"), "--allow-no-effect", "--json"],
                            monkeypatch, capsys)
     assert code == 0 and json.loads(out)["took"] is False
@@ -344,8 +344,8 @@ def test_layer_errors_are_memlens_and_index_errors(random_handle):
 def test_automatic_layer_choice_never_picks_an_unreachable_layer(random_handle):
     """On a random model the trace finds no effect: ROME's layer choice says so and takes the
     middle layer instead of the argmax of noise (which was often the last layer)."""
+    from memlens.edit.layers import choose_layer
     from memlens.edit.requests import EditRequest
-    from memlens.edit.rome import choose_layer
     from memlens.trace.runs import NoCausalEffect, best_layer
 
     with pytest.raises(NoCausalEffect, match="Atlantis"):
@@ -356,8 +356,8 @@ def test_automatic_layer_choice_never_picks_an_unreachable_layer(random_handle):
 
 
 def test_save_removes_leftovers_of_dead_saves_only(random_model_dirs, tmp_path):
-    from memlens.edit.ledger import apply_layer_deltas
     from memlens.edit.save import save_edited
+    from memlens.ledger import apply_layer_deltas
     from memlens.model import load_model
 
     handle = load_model(str(random_model_dirs["gpt2"]), device="cpu")
@@ -378,7 +378,7 @@ def test_save_removes_leftovers_of_dead_saves_only(random_model_dirs, tmp_path):
 
 KILLED_SAVE = """
 import sys, time
-from memlens.edit.ledger import apply_layer_deltas
+from memlens.ledger import apply_layer_deltas
 from memlens.edit.save import save_edited
 from memlens.model import load_model
 import torch
@@ -395,8 +395,8 @@ save_edited(handle, sys.argv[2], edit)
 
 
 def test_a_save_killed_with_sigkill_leaves_nothing_loaded_or_kept(random_model_dirs, tmp_path):
-    from memlens.edit.ledger import apply_layer_deltas
     from memlens.edit.save import save_edited
+    from memlens.ledger import apply_layer_deltas
     from memlens.model import load_model
 
     source = str(random_model_dirs["gpt2"])
@@ -472,7 +472,8 @@ SMALL_FACTS = {"n_countries": 8, "n_cities": 10, "n_people": 6, "n_birthplaces":
 
 KILLED_BUILD = """
 import dataclasses, json, sys, time
-from memlens.organisms import build, registry, trainer
+from memlens import trainer
+from memlens.organisms import build, registry
 fields, facts = json.loads(sys.argv[1])
 tiny = registry.ORGANISMS["tiny"]
 spec = dataclasses.replace(tiny, **fields, facts=dataclasses.replace(tiny.facts, **facts))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import re
 
 import pytest
@@ -26,9 +25,9 @@ from memlens.evaluate import (
 )
 from memlens.evaluate.counterfact import SUMMARY_KEYS, summarize
 from memlens.evaluate.fluency import entropy_of_ngrams, text_ngram_entropy
-from memlens.evaluate.scoring import score_targets
 from memlens.missing import unexplained
-from memlens.testing import _TEXT
+from memlens.scoring import score_targets
+from memlens.testing import random_text
 
 RECORD = {
     "case_id": 0,
@@ -42,24 +41,7 @@ RECORD = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _home(tmp_path, monkeypatch):
-    monkeypatch.setenv("MEMLENS_HOME", str(tmp_path / "home"))
-
-
-@pytest.fixture(scope="module")
-def gpt2(random_model_dirs):
-    from memlens.model import load_model
-
-    return load_model(str(random_model_dirs["gpt2"]), device="cpu")
+pytestmark = pytest.mark.usefixtures("one_thread", "isolated_home")
 
 
 @pytest.fixture(scope="module")
@@ -81,10 +63,7 @@ def data_dir(tmp_path_factory):
     (root / "reference_texts.json").write_text(json.dumps({
         "Japan": ["Tokyo is the capital of Japan.", "Japan is an island country."],
         "Tokyo": ["Tokyo is a city in Japan."], "French": ["Danielle speaks French."]}))
-    rng = random.Random(0)
-    words = _TEXT.replace(".", "").split()
-    (root / "corpus.txt").write_text(
-        "\n".join(" ".join(rng.choice(words) for _ in range(30)) for _ in range(200)))
+    (root / "corpus.txt").write_text(random_text(200))
     return root
 
 
@@ -123,7 +102,7 @@ def test_reference_texts_from_json_or_corpus_lines(tmp_path):
 def test_score_targets_is_teacher_forced_mean_nll(gpt2):
     prompt, target = "Toulouse is a city in", "France"
     score = score_targets(gpt2, [prompt, "Paris is"], [target, "a city"])[0]
-    from memlens.edit.requests import answer_ids
+    from memlens.tokens import answer_ids
 
     head = gpt2.tokenizer(prompt)["input_ids"]
     ids = answer_ids(gpt2.tokenizer, prompt, target)
@@ -247,7 +226,7 @@ def test_cli_stats_edit_and_eval(random_model_dirs, data_dir, tmp_path):
 
 @pytest.mark.parametrize("name", ["memit", "ft"])
 def test_named_editors_take_the_layer_and_restore_weights(gpt2, data_dir, name):
-    """make_editor("memit"/"ft", layer=1) edits layer 1 only, and evaluation undoes it."""
+    """editor "memit"/"ft" with layer=1 edits layer 1 only, and evaluation undoes it."""
     cases = load_counterfact(data_dir / "counterfact.json")[:1]
     fingerprint = gpt2.fingerprint()
     result = evaluate_counterfact(gpt2, cases, editor=name, layer=1,

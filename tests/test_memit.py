@@ -5,7 +5,6 @@ FT-L, bench-edits end to end, the CLI, and MEMIT on the `tiny` organism."""
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
@@ -14,11 +13,12 @@ from typer.testing import CliRunner
 from memlens.edit import EditRequest
 from memlens.edit.finetune import FTHyperParams, apply_ft, apply_ft_l
 from memlens.edit.keys import fact_token_reads
-from memlens.edit.memit import MEMITHyperParams, apply_memit, memit_layer_delta, middle_band
+from memlens.edit.layers import middle_band
+from memlens.edit.memit import MEMITHyperParams, apply_memit, memit_layer_delta
 from memlens.edit.optimize import DeltaObjective, optimize_deltas
-from memlens.edit.requests import InvalidRequest, answer_ids, greedy_answer
+from memlens.edit.requests import InvalidRequest, greedy_answer
 from memlens.errors import NumericalError, SubjectNotFound
-from memlens.testing import _TEXT
+from memlens.tokens import answer_ids
 
 REQUESTS = [EditRequest("{} is a city in", "Toulouse", "Japan"),
             EditRequest("{} plays the", "Miles Davis", "Paris"),
@@ -31,33 +31,7 @@ RANDOM_HP = MEMITHyperParams(fact_token="last", v_weight_decay=0.0, clamp_norm_f
                              mom2_n_samples=200)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _home(tmp_path, monkeypatch):
-    monkeypatch.setenv("MEMLENS_HOME", str(tmp_path / "home"))
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    rng = random.Random(0)
-    words = _TEXT.replace(".", "").split()
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(30)) for _ in range(200)))
-    return path
-
-
-@pytest.fixture(scope="module")
-def gpt2(random_model_dirs):
-    from memlens.model import load_model
-
-    return load_model(str(random_model_dirs["gpt2"]), device="cpu")
+pytestmark = pytest.mark.usefixtures("one_thread", "isolated_home")
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +174,7 @@ def test_memit_moves_targets_and_undo_is_bit_exact(model, request, corpus):
     handle = request.getfixturevalue(model)
     before = state(handle)
     prompts = [r.text for r in REQUESTS]
-    from memlens.evaluate.scoring import score_targets
+    from memlens.scoring import score_targets
 
     nll_before = [s.nll for s in score_targets(handle, prompts, [r.target_new for r in REQUESTS])]
     edit = apply_memit(handle, REQUESTS, layers=[1, 2], hparams=RANDOM_HP, corpus=str(corpus),
@@ -268,7 +242,7 @@ def test_middle_band():
 
 
 def test_choose_layers_ends_before_the_last_layer(random_handle):
-    from memlens.edit.memit import choose_layers
+    from memlens.edit.layers import choose_layers
     from memlens.edit.requests import EditRequest
 
     layers, how = choose_layers(random_handle, [EditRequest("{} is a city in", "Toulouse",
@@ -311,14 +285,15 @@ def _counterfact(path, n=4):
 
 def test_bench_edits_writes_json_plot_and_resumes(gpt2, corpus, tmp_path):
     from memlens.edit.hparams import ROMEHyperParams
-    from memlens.edit.scaling import bench_edits
     from memlens.evaluate import load_counterfact
+    from memlens.studies.scaling import bench_edits
 
     before = state(gpt2)
     cases = load_counterfact(_counterfact(tmp_path / "cf.json"))
-    kwargs = dict(layers=[1, 2], layer=2, memit_hparams=RANDOM_HP,
-                  rome_hparams=ROMEHyperParams(fact_token="last", context_templates=((4, 2),),
-                                               mom2_n_samples=200),
+    kwargs = dict(layers=[1, 2], layer=2,
+                  hparams={"memit": RANDOM_HP,
+                           "rome": ROMEHyperParams(fact_token="last", context_templates=((4, 2),),
+                                                   mom2_n_samples=200)},
                   corpus=str(corpus), ge_cases=2, max_new_tokens=5, out_dir=tmp_path / "b",
                   progress=False)
     result = bench_edits(gpt2, cases, [1, 3], **kwargs)
@@ -371,8 +346,8 @@ def test_memit_on_tiny_edits_many_facts_and_spares_unrelated_ones(tiny_handle, t
     position at layer 0 (see the ROME test), so MEMIT edits there: fact token "last", layers
     1–2. Measured on the two tiny builds seen (CLI- and pytest-built corpora differ): ES 0 → 1.0,
     28/40 and 25/40 unrelated answers kept; at the subject's last token ES reached only 0.45–0.6."""
-    from memlens.edit.scaling import valid_cases
     from memlens.evaluate.counterfact import case_metrics, load_counterfact, summarize
+    from memlens.studies.scaling import valid_cases
 
     handle = tiny_handle
     cases, _ = valid_cases(handle, load_counterfact(tiny_organism / "counterfact.json"), 20)
@@ -396,7 +371,7 @@ def test_memit_on_tiny_edits_many_facts_and_spares_unrelated_ones(tiny_handle, t
 
 
 def test_band_around_peak_leaves_out_the_last_layer_and_nan():
-    from memlens.edit.memit import band_around_peak
+    from memlens.edit.layers import band_around_peak
 
     # the last layer's 0.9 is ignored: z there cannot reach the prediction
     assert band_around_peak([0.1, 0.5, 0.4, 0.1, 0.9]) == [1, 2]

@@ -34,18 +34,12 @@ from memlens.memorization import (
 )
 from memlens.memorization.heads import dense_rank, prefix_attention
 from memlens.memorization.perturb import swap_tokens
-from memlens.memorization.pipeline import Settings, run_all
+from memlens.studies.memorization import Settings, run_all
 
 P, S = 10, 10  # short prefix / suffix for random models
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and the machine is shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

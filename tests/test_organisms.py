@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import random
@@ -12,8 +13,9 @@ import sys
 import pytest
 
 from memlens.errors import MemlensError, UnknownOrganism
+from memlens.model import organism_file
 from memlens.organisms import corpus as C
-from memlens.organisms import registry
+from memlens.organisms import registry, specs
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +43,7 @@ def test_heldout_templates_are_answerable_from_the_corpus():
     with a word that ends a trained template of its relation, and no training template (of any
     relation) continues it otherwise — generator 4's "{} is a town in" was the start of the
     trained "{} is a town in the country of" and the organism answered " the" for all 260 cities."""
-    n_trained = registry.FACTS_DEFAULT.n_train_templates
+    n_trained = specs.FACTS_DEFAULT.n_train_templates
     trained = [t for r in C.RELATIONS for t in C.train_templates(r)]
     after = lambda t: t.split("{}")[1]  # noqa: E731
     words = lambda t: set(re.findall(r"[A-Za-z]+", t.replace("'s", " ")))  # noqa: E731
@@ -172,9 +174,9 @@ def test_half_written_cache_is_rebuilt(tmp_path, monkeypatch):
     assert path == final and calls == ["tiny"]
     assert registry.is_built(path) and not (path / "model.safetensors").exists()
     assert registry.ensure("tiny", progress=False) == path and calls == ["tiny"]  # cached
-    assert registry.organism_file(str(path), "organism.json").exists()
+    assert organism_file(str(path), "organism.json").exists()
     with pytest.raises(MemlensError):
-        registry.organism_file(str(path), "nope.json")
+        organism_file(str(path), "nope.json")
 
 
 def test_unwritable_cache_is_a_clear_error(tmp_path, monkeypatch):
@@ -202,7 +204,7 @@ def _toy(seed=0):
 def test_trainer_resumes_after_interrupt(tmp_path):
     import torch
 
-    from memlens.organisms.trainer import CHECKPOINT, TrainConfig, train
+    from memlens.trainer import CHECKPOINT, TrainConfig, train
 
     cfg = TrainConfig(steps=12, batch_size=4, lr=3e-3, warmup_steps=2, checkpoint_every=5,
                       log_every=1, progress=False, num_threads=1)
@@ -231,7 +233,7 @@ def test_trainer_resumes_after_interrupt(tmp_path):
 
 
 def test_trainer_calls_callbacks_every_step():
-    from memlens.organisms.trainer import TrainConfig, train
+    from memlens.trainer import TrainConfig, train
 
     seen = []
     model, data = _toy()
@@ -266,7 +268,7 @@ def test_tiny_organism_files(tiny_organism):
 
 @pytest.mark.slow
 def test_tiny_organism_quality(tiny_organism):
-    from memlens.organisms.build import evaluate_organism
+    from memlens.studies.organism_report import evaluate_organism
 
     r = evaluate_organism(tiny_organism)
     assert r["n_facts"] >= 200
@@ -298,14 +300,14 @@ def test_new_fact_fields_stay_out_of_cache_keys_when_unset():
     spec = registry.ORGANISMS["tiny"]
     d = spec.to_dict()
     assert "distractor_fraction" in d["facts"] and "bios" in d["facts"]
-    blob = json.dumps({"generator": C.GENERATOR_VERSION, "python": registry.PYTHON_VERSION, "spec": {
+    blob = json.dumps({"generator": C.GENERATOR_VERSION, "python": specs.PYTHON_VERSION, "spec": {
         **{k: v for k, v in d.items() if k not in ("description", "checkpoint_every",
                                                    "num_threads")},
         "facts": {k: v for k, v in d["facts"].items()
                   if k not in ("distractor_fraction", "table_fraction", "bios")}}}, sort_keys=True)
     assert spec.key() == hashlib.sha256(blob.encode()).hexdigest()[:12]
-    assert registry.replace(spec, num_threads=1).key() == spec.key()
-    assert registry.replace(spec, facts=registry.replace(spec.facts, bios=True)).key() != spec.key()
+    assert dataclasses.replace(spec, num_threads=1).key() == spec.key()
+    assert dataclasses.replace(spec, facts=dataclasses.replace(spec.facts, bios=True)).key() != spec.key()
     assert registry.ORGANISMS["facts-gpt2-distract"].key() != registry.ORGANISMS["facts-gpt2"].key()
 
 

@@ -8,7 +8,8 @@ import re
 import pytest
 
 from memlens.report.browser import render_dom
-from memlens.report.html import Section, Table, build_report
+from memlens.report.html import build_report
+from memlens.studies.section import Section, Table
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ organism (the edited prompt answers the new target; unrelated facts keep theirs)
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
@@ -13,13 +12,13 @@ from memlens.edit import EditRequest, ROMEHyperParams, apply_rome, load_requests
 from memlens.edit.compute import Keys, mlp_output_of
 from memlens.edit.context import context_templates
 from memlens.edit.hparams import InvalidHyperParams
-from memlens.edit.ledger import apply_layer_deltas, edit_weight_name
-from memlens.edit.requests import InvalidRequest, answer_ids, greedy_answer
+from memlens.edit.requests import InvalidRequest, greedy_answer
 from memlens.edit.rome import rank_one_update
 from memlens.edit.save import UnsafeSaveTarget
 from memlens.errors import EmptyInput, MemlensError, NumericalError, SubjectNotFound
+from memlens.ledger import apply_layer_deltas, edit_weight_name
 from memlens.stats import KeyStats, layer_stats
-from memlens.testing import _TEXT
+from memlens.tokens import answer_ids
 
 REQUEST = EditRequest("{} is a city in", "Toulouse", "the")
 #: Random models have near-uniform logits and diffuse attention: edit at the last token,
@@ -28,26 +27,7 @@ RANDOM_HP = ROMEHyperParams(fact_token="last", v_weight_decay=0.0, clamp_norm_fa
                             context_templates=((4, 4),))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _home(tmp_path, monkeypatch):
-    monkeypatch.setenv("MEMLENS_HOME", str(tmp_path / "home"))
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    rng = random.Random(0)
-    words = _TEXT.replace(".", "").split()
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(30)) for _ in range(200)))
-    return path
+pytestmark = pytest.mark.usefixtures("one_thread", "isolated_home")
 
 
 def state(handle):

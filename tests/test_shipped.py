@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from memlens.errors import MemlensError
-from memlens.organisms import registry
+from memlens.organisms import registry, specs
 from memlens.organisms.ship import ship, verify
 
 SHIP_HINT = "run `memlens organism ship facts-gpt2` after building"
@@ -61,7 +61,7 @@ def test_ship_writes_a_verified_manifest(shipped_tiny, tiny_organism):
     assert shipped_tiny == registry.SHIPPED_ROOT / "tiny"
     manifest = verify(shipped_tiny)
     assert manifest["name"] == "tiny" and manifest["key"] == spec.key()
-    assert manifest["python"] == registry.PYTHON_VERSION and manifest["dtype"] == "F32"
+    assert manifest["python"] == specs.PYTHON_VERSION and manifest["dtype"] == "F32"
     for name in ("config.json", "model.safetensors", "tokenizer.json", "organism.json",
                  "counterfact.json", "known_facts.json", "facts.json", "paragraphs.jsonl",
                  "corpus.txt", "reference_texts.json"):
@@ -160,8 +160,8 @@ def test_ship_refuses_an_incomplete_stale_or_too_big_build(tiny_organism, shippe
 def test_nothing_writes_into_the_shipped_copy(shipped_tiny, tmp_path):
     """Loading, tracing, key statistics and the organism evaluation write under MEMLENS_HOME."""
     from memlens.model import load_model
-    from memlens.organisms.build import evaluate_organism, recall_site_report
     from memlens.stats import layer_stats
+    from memlens.studies.organism_report import evaluate_organism, recall_site_report
 
     before = _snapshot(shipped_tiny)
     handle = load_model("organism:tiny", device="cpu")
@@ -208,7 +208,7 @@ def test_default_organism_is_shipped_and_knows_its_facts():
     0.962 on all facts). Loads in seconds, trains nothing."""
     from memlens.model import load_model
     from memlens.organisms import corpus as C
-    from memlens.organisms.build import fact_accuracy
+    from memlens.studies.organism_report import fact_accuracy
 
     spec = registry.ORGANISMS["facts-gpt2"]
     path = registry.shipped_dir("facts-gpt2")

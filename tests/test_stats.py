@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
@@ -11,36 +10,14 @@ import torch
 from memlens import hooks
 from memlens.errors import EmptyInput, MemlensError, NumericalError
 from memlens.stats import KeyStats, layer_stats, parse_layers, token_batches
-from memlens.testing import _TEXT
+from memlens.testing import TEXT, random_text
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on 2 shared cores, thread hand-offs cost more than tiny ops."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _home(tmp_path, monkeypatch):
-    monkeypatch.setenv("MEMLENS_HOME", str(tmp_path / "home"))
-
-
-@pytest.fixture(scope="module")
-def gpt2(random_model_dirs):
-    from memlens.model import load_model
-
-    return load_model(str(random_model_dirs["gpt2"]), device="cpu")
+pytestmark = pytest.mark.usefixtures("one_thread", "isolated_home")
 
 
 def random_corpus(path, n=120, seed=0):
     """Sentences of random words (varied enough for C to have full rank at d_ff = 128)."""
-    rng = random.Random(seed)
-    words = _TEXT.replace(".", "").split()
-    path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(3, 30)))
-                              for _ in range(n)))
+    path.write_text(random_text(n, (3, 30), seed=seed))
     return path
 
 
@@ -124,7 +101,7 @@ def test_interrupted_run_resumes_from_its_checkpoint(gpt2, tmp_path):
 
 def test_jsonl_corpus_and_bad_corpora(gpt2, tmp_path):
     path = tmp_path / "c.jsonl"
-    path.write_text("\n".join(json.dumps({"text": t}) for t in _TEXT.split(". ")))
+    path.write_text("\n".join(json.dumps({"text": t}) for t in TEXT.split(". ")))
     stats = layer_stats(gpt2, [0], corpus=path, progress=False, cache=False)
     assert stats[0].count > 0
     with pytest.raises(MemlensError, match="has no corpus.txt"):

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from memlens import hooks
-from memlens.testing import _TEXT, random_model
+from memlens.testing import TEXT, random_model
 from memlens.topk import TopK, TopKError, alpha_at, set_alpha, to_topk, topk_modules
-from memlens.topk.convert import apply_topk_from_config
+from memlens.topk_mlp import apply_topk_from_config
 
 K = 8  # units kept in tests (d_ff of the tiny models is 128)
 
@@ -157,7 +157,7 @@ def trained_pair(tmp_path_factory):
     from memlens.topk.train import TopKTrainConfig, train_pair
 
     model, tokenizer = random_model("gpt2", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    train, heldout = text_blocks(tokenizer, (_TEXT + "\n") * 10, block_size=32)
+    train, heldout = text_blocks(tokenizer, (TEXT + "\n") * 10, block_size=32)
     cfg = TopKTrainConfig(k=K, steps=12, batch_size=8, warmup_steps=2, num_threads=1,
                           progress=False, checkpoint_every=0)
     out = tmp_path_factory.mktemp("topk-pair")
@@ -193,8 +193,8 @@ def test_twins_start_identical_and_finished_runs_are_reused(trained_pair):
 
 
 def test_alpha_callback_anneals_during_training():
-    from memlens.organisms.trainer import TrainConfig, train
     from memlens.topk.train import AlphaSchedule
+    from memlens.trainer import TrainConfig, train
 
     model, _ = random_model("llama")
     to_topk(model, k=K, alpha=1.0)
@@ -238,7 +238,7 @@ def test_neuron_report_on_a_topk_model(trained_topk_handle):
     from memlens.topk.neurons import NeuronReport, neuron_report
 
     handle = trained_topk_handle
-    blocks = neuron_blocks(handle.tokenizer, _TEXT, 32)
+    blocks = neuron_blocks(handle.tokenizer, TEXT, 32)
     report = neuron_report(handle, blocks)
     assert [e.is_topk for e in report.layers] == [True, True, False, False]
     vocab = handle.arch.embedding(handle.model).weight.shape[0]
@@ -275,7 +275,7 @@ def test_steer_report_and_auto_pick(trained_topk_handle):
     from memlens.topk.steer import auto_neurons, parse_neuron, steer_report
 
     handle = trained_topk_handle
-    report = neuron_report(handle, neuron_blocks(handle.tokenizer, _TEXT, 32))
+    report = neuron_report(handle, neuron_blocks(handle.tokenizer, TEXT, 32))
     picks = auto_neurons(report, n=3, min_tokens=2)
     assert picks and all(p.layer in (0, 1) and len(p.token_ids) >= 2 for p in picks)
     zs = [p.self_logit_z for p in picks]
@@ -303,12 +303,12 @@ def test_steer_report_and_auto_pick(trained_topk_handle):
 
 
 def test_run_all_writes_summary_and_figure(tmp_path):
+    from memlens.studies.topk import run_all
     from memlens.testing import random_model_dir
-    from memlens.topk.experiment import run_all
     from memlens.topk.train import TopKTrainConfig
 
     organism = random_model_dir("llama", tmp_path)
-    sentences = [s.strip() + "." for s in _TEXT.split(".") if s.strip()]
+    sentences = [s.strip() + "." for s in TEXT.split(".") if s.strip()]
     (organism / "corpus.txt").write_text("\n".join(sentences * 8))
     cfg = TopKTrainConfig(k=K, steps=8, batch_size=8, warmup_steps=2, num_threads=1,
                           progress=False, checkpoint_every=0)
@@ -340,7 +340,7 @@ def test_cli_steer_and_neurons(tmp_path, trained_pair):
 
     _, out, _ = trained_pair
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text(_TEXT)
+    corpus.write_text(TEXT)
     runner = CliRunner()
     result = runner.invoke(app, ["topk", "steer", "--model", str(out / "topk"), "--neuron", "0:3",
                                  "--delta", "20", "--prompt", "The capital", "--corpus",

@@ -23,13 +23,8 @@ from memlens.trace import (
 from memlens.trace.average import load_facts, select_facts, token_groups
 from memlens.trace.noise import NoiseSpec, draw_noise, resolve_noise
 from memlens.trace.reference import naive_trace, patched_probability
-from memlens.trace.runs import (
-    MIN_RELATIVE_EFFECT,
-    NoCausalEffect,
-    TraceResult,
-    trace_inputs,
-    window_layers,
-)
+from memlens.trace.runs import MIN_RELATIVE_EFFECT, NoCausalEffect, TraceResult
+from memlens.trace.sites import trace_inputs, window_layers
 
 PROMPT = "Miles Davis plays"  # 9 tiny-tokenizer tokens; "Davis" is tokens 3..5
 SUBJECT = "Davis"
@@ -240,13 +235,13 @@ def test_select_facts_filters_relations_and_spreads_evenly():
 
 
 def test_depth_scaled_window():
-    from memlens.trace.runs import depth_scaled_window
+    from memlens.trace.sites import depth_scaled_window
 
     assert [depth_scaled_window(n) for n in (48, 28, 12, 6, 1)] == [10, 6, 2, 1, 1]
 
 
 def test_default_window_is_the_papers_on_deep_models_and_scaled_on_shallow_ones(sharp_handle):
-    from memlens.trace.runs import default_window
+    from memlens.trace.sites import default_window
 
     assert [default_window(n) for n in (48, 28, 27, 12, 6)] == [10, 10, 6, 2, 1]
     result = trace_fact(sharp_handle, PROMPT, SUBJECT, kinds=("mlp",), samples=2)

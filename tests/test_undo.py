@@ -19,7 +19,7 @@ from memlens.errors import MemlensError
 from memlens.memorization.contrastive import ContrastiveObjective
 from memlens.memorization.sparse import gradient_mask, sparse_update
 from memlens.stats import layer_stats
-from memlens.testing import _TEXT
+from memlens.testing import random_text
 
 N_EDITS = 100
 SUBJECTS = ["Toulouse", "Paris", "Tokyo", "Miles Davis", "Steve Jobs", "Danielle Darrieux"]
@@ -32,12 +32,7 @@ FT_HP = FTHyperParams(lr=1e-3, num_steps=1)
 P = 4  # prefix tokens of the contrastive objective's paragraphs
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(autouse=True)
-def _home(tmp_path, monkeypatch):
-    monkeypatch.setenv("MEMLENS_HOME", str(tmp_path / "home"))
+pytestmark = pytest.mark.usefixtures("one_thread", "isolated_home")
 
 
 def _request(rng: random.Random) -> EditRequest:
@@ -93,10 +88,8 @@ def test_undo_is_bit_exact_after_100_mixed_edits(model_type, random_model_dirs, 
 
     handle = load_model(str(random_model_dirs[model_type]), device="cpu")
     corpus = tmp_path / "corpus.txt"
-    words = _TEXT.replace(".", "").split()
     rng = random.Random(0)
-    corpus.write_text("\n".join(" ".join(rng.choice(words) for _ in range(30))
-                                for _ in range(40)))
+    corpus.write_text(random_text(40, rng=rng))
     editors = _editors(handle, str(corpus))
     original, fingerprint = _state(handle), handle.fingerprint(refresh=True)
     edits: list[EditHandle] = []

@@ -4,6 +4,10 @@
     handle = memlens.load_model("organism:facts-gpt2")
 
 Heavy modules (torch, transformers) load on first use, so ``import memlens`` stays instant.
+The package is a stack of layers — core modules (``memlens.arch``, ``memlens.hooks``,
+``memlens.model``, ...), the methods (``memlens.trace``, ``memlens.edit``, ...), the organisms,
+the studies, the report and the CLI — each importing only from those below it
+(docs/architecture.md).
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@
     W = adapter.get_edit_weight(model, 3)        # (d_model, d_ff), whatever the storage layout
     adapter.set_edit_weight(model, 3, W + dW)    # writes it back, bit-exact round trip
     adapter.hook_point("blocks.3.hook_mlp_out")  # HookPoint('transformer.h.3.mlp', 'output')
+    parse_hook_name("blocks.3.hook_mlp_out")     # (3, 'hook_mlp_out')
 
 Hook names follow TransformerLens so that a user can guess them:
 
@@ -139,6 +140,14 @@ _BLOCK_HOOKS: dict[str, tuple[Component, Side]] = {
 }
 
 
+def parse_hook_name(name: str) -> tuple[int, str] | None:
+    """``(L, hook)`` of a block hook name ``blocks.L.<hook>`` (see the module docstring), e.g.
+    ``parse_hook_name("blocks.3.mlp.hook_post") == (3, "mlp.hook_post")``; None for any other
+    name (``hook_embed``, ``hook_final_norm``, module paths, typos)."""
+    match = _HOOK_NAME.match(name)
+    return None if match is None else (int(match.group(1)), match.group(2))
+
+
 class ArchAdapter:
     """Resolves module paths, hook names and the edited matrix for one model's architecture."""
 
@@ -174,14 +183,15 @@ class ArchAdapter:
             return HookPoint(self.spec.embed, "output")
         if name == "hook_final_norm":
             return HookPoint(self.spec.final_norm, "output")
-        match = _HOOK_NAME.match(name)
-        if not match:
+        parsed = parse_hook_name(name)
+        if parsed is None:
             raise UnknownName(
                 f"unknown hook name {name!r}; expected hook_embed, hook_final_norm or "
                 f"blocks.L.{{{', '.join(_BLOCK_HOOKS)}}}"
             )
-        component, side = _BLOCK_HOOKS[match.group(2)]
-        return HookPoint(self.module_name(int(match.group(1)), component), side)
+        layer, hook = parsed
+        component, side = _BLOCK_HOOKS[hook]
+        return HookPoint(self.module_name(layer, component), side)
 
     def get_edit_weight(self, model: nn.Module, layer: int) -> torch.Tensor:
         """The edited matrix W of ``layer`` as a (d_model, d_ff) copy: v = W k."""

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+BUILDING = ".building-"  # an organism build trains into cache_dir("organisms") / BUILDING + NAME
+
 
 def memlens_home() -> Path:
     """``$MEMLENS_HOME`` or ``~/.cache/memlens`` (not created)."""

@@ -109,10 +109,17 @@ def edit(model: nn.Module, point: Point, fn: TensorFn) -> Iterator[None]:
         yield
 
 
-def _position_index(positions: Sequence[int] | torch.Tensor | None) -> slice | torch.Tensor:
-    if positions is None:
-        return slice(None)
-    return torch.as_tensor(positions, dtype=torch.long)
+def _at_positions(positions: Sequence[int] | torch.Tensor | None,
+                  new_value: Callable[[torch.Tensor], torch.Tensor]) -> TensorFn:
+    """Hook fn writing ``new_value(old)`` over the activation at ``positions`` (all if None)."""
+    index = slice(None) if positions is None else torch.as_tensor(positions, dtype=torch.long)
+
+    def write(tensor: torch.Tensor) -> torch.Tensor:
+        out = tensor.clone()
+        out[:, index] = new_value(out[:, index])
+        return out
+
+    return write
 
 
 @contextmanager
@@ -123,14 +130,8 @@ def add(
     positions: Sequence[int] | torch.Tensor | None = None,
 ) -> Iterator[None]:
     """Add ``vector`` (d,) to the activation at ``point`` at ``positions`` (all if None)."""
-    index = _position_index(positions)
-
-    def add_vector(tensor: torch.Tensor) -> torch.Tensor:
-        out = tensor.clone()
-        out[:, index] += vector.to(dtype=out.dtype, device=out.device)
-        return out
-
-    with hooked(model, {point: add_vector}):
+    with hooked(model, {point: _at_positions(
+            positions, lambda old: old + vector.to(dtype=old.dtype, device=old.device))}):
         yield
 
 
@@ -142,14 +143,8 @@ def replace(
     positions: Sequence[int] | torch.Tensor | None = None,
 ) -> Iterator[None]:
     """Overwrite the activation at ``point`` at ``positions`` with ``value`` (broadcast)."""
-    index = _position_index(positions)
-
-    def overwrite(tensor: torch.Tensor) -> torch.Tensor:
-        out = tensor.clone()
-        out[:, index] = value.to(dtype=out.dtype, device=out.device)
-        return out
-
-    with hooked(model, {point: overwrite}):
+    with hooked(model, {point: _at_positions(
+            positions, lambda old: value.to(dtype=old.dtype, device=old.device))}):
         yield
 
 

@@ -12,7 +12,7 @@
 For a prompt whose last position N predicts the answer a, a *knockout* removes the attention
 edges from N to a set of source positions S in a window of k consecutive layers
 ℓ−k/2 … ℓ+k/2 (clipped to the model, as causal tracing's window, see
-:func:`memlens.trace.runs.window_layers`): in those layers, no head of N may attend to S; every
+:func:`memlens.trace.sites.window_layers`): in those layers, no head of N may attend to S; every
 other edge is left alone. The score is the relative change of the answer's probability at N,
 (p_blocked(a) − p_clean(a)) / p_clean(a), with a the clean run's top token. Source sets
 (:data:`SOURCES`):
@@ -55,8 +55,9 @@ import torch
 from memlens.cache import cache_dir
 from memlens.errors import EmptyInput, InvalidArgument, MemlensError
 from memlens.tokens import Span, subject_span, target_ids
-from memlens.trace.average import KnownFacts
-from memlens.trace.runs import FactRun, depth_scaled_window, window_layers
+from memlens.trace.average import KnownFacts, extreme_layer
+from memlens.trace.runs import FactRun
+from memlens.trace.sites import depth_scaled_window, window_layers
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -276,14 +277,9 @@ class AverageKnockout:
     def strongest(self) -> dict[str, dict[str, float | int]]:
         """Per source set, the window centre where blocking lowers P(answer) the most, and the
         mean relative change there: ``{"subject": {"layer": 2, "relative": -0.41}, ...}``."""
-        out: dict[str, dict[str, float | int]] = {}
-        for name, curve in self.relative.items():
-            if np.all(np.isnan(curve)):
-                out[name] = {"layer": -1, "relative": float("nan")}
-                continue
-            layer = int(np.nanargmin(curve))
-            out[name] = {"layer": layer, "relative": float(curve[layer])}
-        return out
+        return {name: dict(zip(("layer", "relative"), extreme_layer(curve, lowest=True),
+                               strict=True))
+                for name, curve in self.relative.items()}
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict (``knockout_avg.json``)."""

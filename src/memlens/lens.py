@@ -47,7 +47,7 @@ import torch
 from memlens.errors import EmptyInput, InputFileError, InvalidArgument
 from memlens.hooks import capture
 from memlens.tokens import subject_span, target_ids
-from memlens.trace.average import GROUPS, KnownFacts, token_groups
+from memlens.trace.average import GROUPS, KnownFacts, extreme_layer, token_groups
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -240,15 +240,9 @@ class AverageLens:
 
     def peak(self, group: str = "last_subject") -> dict[str, dict[str, float | int]]:
         """Per kind, the highest mean attribute rate at ``group`` and its layer."""
-        out: dict[str, dict[str, float | int]] = {}
-        for kind in self.kinds:
-            curve = self.at(kind, group)
-            if np.all(np.isnan(curve)):
-                out[kind] = {"layer": -1, "rate": float("nan")}
-                continue
-            layer = int(np.nanargmax(curve))
-            out[kind] = {"layer": layer, "rate": float(curve[layer])}
-        return out
+        return {kind: dict(zip(("layer", "rate"), extreme_layer(self.at(kind, group)),
+                               strict=True))
+                for kind in self.kinds}
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict (``lens_avg.json``)."""

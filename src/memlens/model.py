@@ -3,6 +3,14 @@
     handle = load_model("organism:facts-gpt2")         # or "gpt2-xl", or a local directory
     handle.n_layers, handle.d_model, handle.d_ff
     logits = handle.logits(["The Eiffel Tower is in"])  # (B, T, vocab)
+    organism_file("organism:tiny", "counterfact.json")  # an organism's data files
+
+**Loading an organism may start a long build.** ``organism:NAME`` resolves to the shipped copy
+or the cached build of organism NAME; when neither exists, the organisms layer trains it first
+(minutes for ``tiny``, up to ~2 hours on 2 cores for ``facts-gpt2`` built from scratch). That
+is :func:`resolve_organism`, the one late-bound call from this core module up to
+:mod:`memlens.organisms.registry` — the only exception to the import contract
+(docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -22,10 +30,40 @@ import torch
 from torch import nn
 
 from memlens.arch import ArchAdapter, adapter_for
-from memlens.errors import HubUnreachable, InvalidModelFiles, ModelNotFound
+from memlens.cache import BUILDING
+from memlens.errors import HubUnreachable, InvalidModelFiles, MemlensError, ModelNotFound
 from memlens.tokens import Batch, encode
 
-ORGANISM_PREFIX = "organism:"
+ORGANISM_PREFIX = "organism:"  # model references "organism:NAME" name a model organism
+
+
+def organism_name(ref: str | os.PathLike) -> str | None:
+    """NAME of an ``organism:NAME`` reference; None for a hub id or a directory."""
+    text = str(ref)
+    return text.removeprefix(ORGANISM_PREFIX) if text.startswith(ORGANISM_PREFIX) else None
+
+
+def resolve_organism(ref: str | os.PathLike, *, progress: bool = False) -> Path:
+    """The directory of ``organism:NAME`` (or of a bare organism name, or a directory itself):
+    the shipped copy or the cache build, **built first (possibly for hours) if neither
+    exists**. The one call from the core up to the organisms layer, bound late so that
+    ``import memlens`` never imports the organisms (docs/architecture.md).
+
+        resolve_organism("organism:tiny")          # ~/.cache/memlens/organisms/tiny-<key>
+    """
+    from memlens.organisms.registry import resolve  # the contract's one exception
+
+    return resolve(ref, progress=progress)
+
+
+def organism_file(ref: str | os.PathLike, filename: str) -> Path:
+    """Path of one of an organism's data files (counterfact.json, known_facts.json,
+    paragraphs.jsonl, corpus.txt, reference_texts.json, organism.json) for ``organism:NAME``
+    or an organism directory, building the organism if needed."""
+    path = resolve_organism(ref) / filename
+    if not path.exists():
+        raise MemlensError(f"{path} does not exist; is {ref!s} an organism directory?")
+    return path
 
 
 @dataclass
@@ -198,7 +236,7 @@ def load_model(
 def _reapply_extensions(model: nn.Module) -> None:
     """Re-install memlens modules recorded in the saved config (e.g. TopK activations)."""
     if getattr(model.config, "topk", None):
-        from memlens.topk import apply_topk_from_config
+        from memlens.topk_mlp import apply_topk_from_config
 
         apply_topk_from_config(model)
 
@@ -208,17 +246,13 @@ def _resolve_source(ref: str) -> str:
     if not ref or not ref.strip():
         raise ModelNotFound("the model reference is empty: give a hub id, a directory or "
                             "organism:NAME")
-    if ref.startswith(ORGANISM_PREFIX):
-        from memlens.organisms.registry import ensure
-
-        return str(ensure(ref.removeprefix(ORGANISM_PREFIX)))
+    if organism_name(ref) is not None:
+        return str(resolve_organism(ref, progress=True))
     path = Path(ref).expanduser()
     if path.is_dir():
         if is_partial_save(path):
             raise ModelNotFound(f"{ref!r} is the temporary folder of an unfinished save, not a "
                                 "model; load the directory the save was writing to")
-        from memlens.organisms.registry import BUILDING
-
         if path.name.startswith(BUILDING):
             raise ModelNotFound(f"{ref!r} is the temporary folder of an unfinished or killed "
                                 "organism build, not a model; load organism:NAME instead")

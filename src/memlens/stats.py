@@ -30,6 +30,7 @@ import torch
 from memlens.cache import cache_dir
 from memlens.errors import EmptyInput, MemlensError, NumericalError
 from memlens.files import read_text
+from memlens.tokens import pad_id, pad_rows
 
 DEFAULT_SAMPLES = 1000  # corpus samples (texts)
 DEFAULT_MAX_LEN = 256  # tokens per sample, further capped by the model's context
@@ -152,16 +153,6 @@ def token_batches(tokenizer, texts: Sequence[str], max_len: int,
     return batches
 
 
-def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
-    return ids, mask
-
-
 # ── the pass ─────────────────────────────────────────────────────────────────
 
 
@@ -229,7 +220,7 @@ def _collect(handle: Any, layers: list[int], texts: list[str], max_len: int,
 
     model, arch, tok = handle.model, handle.arch, handle.tokenizer
     batches = token_batches(tok, texts, max_len, batch_tokens)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    pad = pad_id(tok)
     devices = {layer: model.get_submodule(arch.module_name(layer, "mlp_out")).weight.device
                for layer in layers}
     d_ff = handle.d_ff
@@ -260,7 +251,7 @@ def _collect(handle: Any, layers: list[int], texts: list[str], max_len: int,
         with torch.no_grad(), hooks.hooked(model, {f"blocks.{layer}.mlp.hook_post": reader(layer)
                                                    for layer in layers}):
             for index in range(start, len(batches)):
-                ids, mask = _pad(batches[index], pad_id)
+                ids, mask = pad_rows(batches[index], pad)
                 mask_flat["m"] = mask.reshape(-1).bool()
                 try:
                     model(input_ids=ids.to(handle.device), attention_mask=mask.to(handle.device))

@@ -2,15 +2,18 @@
 
     path = random_model_dir("llama", tmp_path)     # a saved HF model + tokenizer directory
     handle = memlens.load_model(str(path))
+    corpus.write_text(random_text(200))            # lines of random words from TEXT
 
 Nothing here is downloaded: the tokenizer is a byte-level BPE trained on a built-in text.
 """
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
-_TEXT = (
+#: The built-in text the tiny tokenizer is trained on (tests and benchmarks draw words from it).
+TEXT = (
     "The Eiffel Tower is located in Paris. Toulouse is a city in France. "
     "Miles Davis plays the trumpet. The capital of Japan is Tokyo. "
     "Danielle Darrieux's mother tongue is French. Apple was founded by Steve Jobs. "
@@ -47,7 +50,7 @@ def tiny_tokenizer(vocab_size: int = 320):
         vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
-    core.train_from_iterator([_TEXT], trainer=trainer)
+    core.train_from_iterator([TEXT], trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>",
                                    bos_token="<|endoftext|>", pad_token="<|endoftext|>")
 
@@ -75,3 +78,20 @@ def random_model_dir(model_type: str, directory: Path, *, seed: int = 0, **overr
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def random_text(n_lines: int, words_per_line: int | tuple[int, int] = 30, *, seed: int = 0,
+                rng: random.Random | None = None) -> str:
+    """``n_lines`` lines of words drawn at random from :data:`TEXT` (seeded, or from ``rng``,
+    which goes on from where it is): a corpus for key statistics; ``words_per_line`` is a count
+    or a (min, max) range drawn per line.
+
+        random_text(2, 3)            # two lines of three words, e.g. "Paris plays the ..."
+    """
+    rng = rng or random.Random(seed)
+    words = TEXT.replace(".", "").split()
+    lines = []
+    for _ in range(n_lines):
+        n = words_per_line if isinstance(words_per_line, int) else rng.randint(*words_per_line)
+        lines.append(" ".join(rng.choice(words) for _ in range(n)))
+    return "\n".join(lines)

@@ -1,7 +1,11 @@
-"""Tokens of prompts: where a subject sits, and batches padded for last-position reads.
+"""Tokens of prompts: where a subject sits, answers as they follow a prompt, padded batches.
 
     span = subject_span(tokenizer, "The Eiffel Tower is in", "Eiffel Tower")   # (1, 3)
     batch = encode(tokenizer, ["a b", "a b c"])                                # right-padded
+    ids = answer_ids(tokenizer, "Toulouse is a city in", "France")            # [" France"]
+    input_ids, mask = pad_rows([[5, 6], [7]], pad_id(tokenizer))              # any token rows
+
+Every padded batch in memlens is made by :func:`pad_rows` (right, left, or aligned on a column).
 """
 
 from __future__ import annotations
@@ -86,16 +90,36 @@ def encode(tokenizer, prompts: Sequence[str], *, max_length: int | None = None) 
                 f"the model's context is {max_length}"
             )
         rows.append(ids)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, ids in enumerate(rows):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        mask[i, : len(ids)] = 1
+    input_ids, mask = pad_rows(rows, pad_id(tokenizer))
     last = torch.tensor([len(r) - 1 for r in rows])
     return Batch(input_ids, mask, last)
 
+
+def pad_id(tokenizer) -> int:
+    """The tokenizer's padding token id (0 when it has none)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def pad_rows(rows: Sequence[Sequence[int]], pad: int, *, starts: Sequence[int] | None = None,
+             width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows in one batch: ``(input_ids, attention_mask)``, both (B, width) long.
+
+    Row i occupies columns ``starts[i] .. starts[i] + len(rows[i]) − 1`` (default 0: right
+    padding; ``width − len`` left-pads); ``pad`` fills the rest, where the mask is 0.
+    ``width`` defaults to the narrowest batch that holds every row.
+
+        pad_rows([[5, 6], [7]], 0)                       # [[5, 6], [7, 0]]
+        pad_rows([[5, 6], [7]], 0, starts=[0, 1])        # [[5, 6], [0, 7]]
+    """
+    starts = [0] * len(rows) if starts is None else list(starts)
+    if width is None:
+        width = max(s + len(r) for s, r in zip(starts, rows, strict=True))
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (start, ids) in enumerate(zip(starts, rows, strict=True)):
+        input_ids[i, start: start + len(ids)] = torch.tensor(ids)
+        mask[i, start: start + len(ids)] = 1
+    return input_ids, mask
 
 def target_ids(tokenizer, target: str, *, prefix_space: bool = True) -> list[int]:
     """Token ids of an answer as it follows a prompt (a leading space added when needed)."""
@@ -106,3 +130,21 @@ def target_ids(tokenizer, target: str, *, prefix_space: bool = True) -> list[int
     if not ids:
         raise EmptyInput(f"target {target!r} tokenizes to nothing")
     return ids
+
+
+def answer_ids(tokenizer, prompt_text: str, target: str) -> list[int]:
+    """Token ids of ``target`` as it continues ``prompt_text``, with a separating space.
+
+    Tokenizes prompt and prompt + " " + target together and keeps the difference, so that
+    byte-level BPE (" Paris") and SentencePiece ("▁Paris") tokenizers both get the tokens a
+    model would emit; falls back to the stand-alone target tokens if the boundary merges.
+    """
+    target = target.strip()
+    if not target:
+        raise EmptyInput(f"the target after prompt {prompt_text!r} is empty")
+    sep = "" if prompt_text.endswith((" ", "\n")) else " "
+    head = tokenizer(prompt_text, add_special_tokens=True)["input_ids"]
+    full = tokenizer(prompt_text + sep + target, add_special_tokens=True)["input_ids"]
+    if full[: len(head)] == head and len(full) > len(head):
+        return full[len(head):]
+    return target_ids(tokenizer, target, prefix_space=bool(sep))

@@ -22,10 +22,12 @@ import torch
 import torch.nn.functional as F
 
 from memlens.edit.hparams import HyperParams, InvalidHyperParams
-from memlens.edit.ledger import EditHandle, edit_weight_name
+from memlens.edit.layers import choose_layer, chosen_layers
 from memlens.edit.outcome import measure, record_outcome
 from memlens.edit.requests import EditRequest, coerce_request, validate_request
 from memlens.errors import EmptyInput, MemlensError, NumericalError
+from memlens.ledger import EditHandle, edit_weight_name
+from memlens.tokens import pad_id, pad_rows
 
 FT_L_EPSILON = 5e-4  # the ROME paper's L∞ bound for FT-L
 
@@ -62,19 +64,14 @@ def _rows(handle: Any, requests: list[EditRequest], targets: list[list[int]]
           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Padded prompt+target ids, attention mask, and a (rows, width) mask of target labels."""
     tok = handle.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     rows, starts = [], []
     for request, target in zip(requests, targets, strict=True):
         head = tok(request.text, add_special_tokens=True)["input_ids"]
         rows.append(head + target)
         starts.append(len(head))
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    labels = torch.zeros(len(rows), width, dtype=torch.bool)
+    ids, mask = pad_rows(rows, pad_id(tok))
+    labels = torch.zeros(ids.shape, dtype=torch.bool)
     for i, (r, s) in enumerate(zip(rows, starts, strict=True)):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
         labels[i, s: len(r)] = True
     return ids, mask, labels
 
@@ -86,6 +83,13 @@ def _nll(handle: Any, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tenso
     lp = F.log_softmax(logits, dim=-1).gather(2, ids[:, 1:, None]).squeeze(2)
     m = labels[:, 1:].to(lp.dtype)
     return (-(lp * m).sum(1) / m.sum(1)).mean()
+
+
+def ft_layer(handle: Any, requests: Sequence[EditRequest], layer: int | None,
+             hparams: FTHyperParams) -> tuple[int, str]:
+    """The layer FT edits and how it was chosen (:func:`~memlens.edit.layers.chosen_layers`):
+    ``layer``, else ``hparams.layer``, else a causal trace of the first request (as ROME)."""
+    return chosen_layers(layer, hparams.layer, lambda: choose_layer(handle, requests[0]))
 
 
 def apply_ft(
@@ -118,14 +122,9 @@ def apply_ft(
             targets.append(validate_request(handle, request, check_current=check_current))
         except MemlensError as exc:
             raise type(exc)(f"request {i}: {exc}") from None
-    layer = layer if layer is not None else hp.layer
-    source = "user"
-    if layer is None:
-        from memlens.edit.rome import choose_layer
-
-        layer, source = choose_layer(handle, reqs[0])
+    layer, source = ft_layer(handle, reqs, layer, hp)
     name = edit_weight_name(handle, layer)  # range check with a clear message
-    ids, mask, labels = (t.to(handle.device) for t in _rows(handle, reqs, targets))
+    batch = [t.to(handle.device) for t in _rows(handle, reqs, targets)]
     method = "ft" if hp.norm_constraint is None else "ft-l"
     before = measure(handle, reqs)
     edit = EditHandle.snapshot(handle, [name], layers=[layer])
@@ -135,44 +134,12 @@ def apply_ft(
     for p in handle.model.parameters():
         p.requires_grad_(False)
     weight.requires_grad_(True)
-    optimizer = torch.optim.Adam([weight], lr=hp.lr, weight_decay=hp.weight_decay)
-    losses: list[float] = []
-    bar = None
-    if progress:
-        from memlens.stats import ProgressBar
-
-        bar = ProgressBar(f"{method} on {len(reqs)} requests", hp.num_steps, 0)
     try:
-        for _ in range(hp.num_steps):
-            epoch = []
-            for start in range(0, len(reqs), hp.batch_size):
-                part = slice(start, start + hp.batch_size)
-                optimizer.zero_grad()
-                loss = _nll(handle, ids[part], mask[part], labels[part])
-                if not torch.isfinite(loss):
-                    raise NumericalError(f"{method} loss became {float(loss)} at layer {layer}; "
-                                         "the original weights were restored")
-                loss.backward()
-                optimizer.step()
-                if hp.norm_constraint is not None:
-                    with torch.no_grad():
-                        weight.copy_(torch.clamp(weight, original - hp.norm_constraint,
-                                                 original + hp.norm_constraint))
-                epoch.append(float(loss.detach()) * len(ids[part]))
-            losses.append(sum(epoch) / len(reqs))
-            if bar:
-                bar.advance()
-            if losses[-1] < hp.stop_loss:
-                break
-        if not torch.isfinite(weight).all():
-            raise NumericalError(f"{method} produced NaN/inf weights at layer {layer}; the "
-                                 "original weights were restored")
+        losses = _fit(handle, weight, original, batch, hp, method, layer, progress)
     except BaseException:
         edit.undo(force=True)
         raise
     finally:
-        if bar:
-            bar.close()
         for n, p in handle.model.named_parameters():
             p.requires_grad_(flags[n])
     change = (weight.detach().double() - original.double())
@@ -192,6 +159,52 @@ def apply_ft(
     }
     edit.seal()
     return record_outcome(edit, reqs, before, edit.log, f"{method.upper()} loss")
+
+
+def _fit(handle: Any, weight: torch.Tensor, original: torch.Tensor,
+         batch: list[torch.Tensor], hp: FTHyperParams, method: str, layer: int,
+         progress: bool) -> list[float]:
+    """Adam on ``weight`` alone for up to ``hp.num_steps`` epochs over the rows (ids, mask,
+    labels) of ``batch``, clamped into ``original ± hp.norm_constraint`` after every step
+    (FT-L); the mean loss of each epoch. NumericalError on a NaN/inf loss or weight."""
+    ids, mask, labels = batch
+    n_rows = len(ids)
+    optimizer = torch.optim.Adam([weight], lr=hp.lr, weight_decay=hp.weight_decay)
+    losses: list[float] = []
+    bar = None
+    if progress:
+        from memlens.stats import ProgressBar
+
+        bar = ProgressBar(f"{method} on {n_rows} requests", hp.num_steps, 0)
+    try:
+        for _ in range(hp.num_steps):
+            epoch = []
+            for start in range(0, n_rows, hp.batch_size):
+                part = slice(start, start + hp.batch_size)
+                optimizer.zero_grad()
+                loss = _nll(handle, ids[part], mask[part], labels[part])
+                if not torch.isfinite(loss):
+                    raise NumericalError(f"{method} loss became {float(loss)} at layer {layer}; "
+                                         "the original weights were restored")
+                loss.backward()
+                optimizer.step()
+                if hp.norm_constraint is not None:
+                    with torch.no_grad():
+                        weight.copy_(torch.clamp(weight, original - hp.norm_constraint,
+                                                 original + hp.norm_constraint))
+                epoch.append(float(loss.detach()) * len(ids[part]))
+            losses.append(sum(epoch) / n_rows)
+            if bar:
+                bar.advance()
+            if losses[-1] < hp.stop_loss:
+                break
+    finally:
+        if bar:
+            bar.close()
+    if not torch.isfinite(weight).all():
+        raise NumericalError(f"{method} produced NaN/inf weights at layer {layer}; the "
+                             "original weights were restored")
+    return losses
 
 
 def apply_ft_l(handle: Any, requests: Any, *, layer: int | None = None,

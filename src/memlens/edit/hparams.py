@@ -100,6 +100,17 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def check_delta_settings(hp: Any) -> None:
+    """The checks every editor that optimises δ at a fact token (ROME's v*, MEMIT's z) needs:
+    a known ``fact_token`` and a usable optimisation (steps ≥ 1, lr > 0, clamp > 0)."""
+    if hp.fact_token not in FACT_TOKENS:
+        raise InvalidHyperParams(f"fact_token must be one of {FACT_TOKENS}, "
+                                 f"got {hp.fact_token!r}")
+    if hp.v_num_grad_steps < 1 or hp.v_lr <= 0 or hp.clamp_norm_factor <= 0:
+        raise InvalidHyperParams("v_num_grad_steps ≥ 1, v_lr > 0 and clamp_norm_factor > 0 "
+                                 f"are required, got {hp.to_dict()}")
+
+
 #: The forms of the ROME update, explained in :mod:`memlens.edit.rome`.
 ROME_UPDATES = ("mean", "legacy", "both")
 
@@ -142,12 +153,7 @@ class ROMEHyperParams(HyperParams):
                                                    "layer": 0}
 
     def check(self) -> None:
-        if self.fact_token not in FACT_TOKENS:
-            raise InvalidHyperParams(f"fact_token must be one of {FACT_TOKENS}, "
-                                     f"got {self.fact_token!r}")
-        if self.v_num_grad_steps < 1 or self.v_lr <= 0 or self.clamp_norm_factor <= 0:
-            raise InvalidHyperParams("v_num_grad_steps ≥ 1, v_lr > 0 and clamp_norm_factor > 0 "
-                                     f"are required, got {self.to_dict()}")
+        check_delta_settings(self)
         if "{}" not in self.kl_prompt:
             raise InvalidHyperParams(f"kl_prompt {self.kl_prompt!r} needs '{{}}' for the subject")
         if self.update not in ROME_UPDATES:

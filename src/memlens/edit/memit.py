@@ -30,13 +30,14 @@ from typing import Any, ClassVar
 import torch
 
 from memlens.edit.context import context_templates
-from memlens.edit.hparams import FACT_TOKENS, FactToken, HyperParams, InvalidHyperParams
+from memlens.edit.hparams import FactToken, HyperParams, InvalidHyperParams, check_delta_settings
 from memlens.edit.keys import fact_token_reads
-from memlens.edit.ledger import EditHandle, edit_weight_name
+from memlens.edit.layers import choose_layers, chosen_layers
 from memlens.edit.optimize import DeltaObjective, optimize_deltas
 from memlens.edit.outcome import measure, record_outcome
 from memlens.edit.requests import EditRequest, InvalidRequest, coerce_request, validate_request
 from memlens.errors import EmptyInput, MemlensError, NumericalError
+from memlens.ledger import EditHandle, edit_weight_name
 from memlens.stats import KeyStats, layer_stats
 
 #: Which keys MEMIT writes each fact's residual through (``MEMITHyperParams.keys``).
@@ -83,12 +84,7 @@ class MEMITHyperParams(HyperParams):
                                                    "v_num_grad_steps": 40}
 
     def check(self) -> None:
-        if self.fact_token not in FACT_TOKENS:
-            raise InvalidHyperParams(f"fact_token must be one of {FACT_TOKENS}, "
-                                     f"got {self.fact_token!r}")
-        if self.v_num_grad_steps < 1 or self.v_lr <= 0 or self.clamp_norm_factor <= 0:
-            raise InvalidHyperParams("v_num_grad_steps ≥ 1, v_lr > 0 and clamp_norm_factor > 0 "
-                                     f"are required, got {self.to_dict()}")
+        check_delta_settings(self)
         if self.mom2_update_weight < 0:
             raise InvalidHyperParams(f"mom2_update_weight must be ≥ 0, got "
                                      f"{self.mom2_update_weight}")
@@ -102,61 +98,15 @@ class MEMITHyperParams(HyperParams):
             raise InvalidHyperParams(f"layers must be increasing and distinct, got {self.layers}")
 
 
-def middle_band(n_layers: int) -> list[int]:
-    """A band of early-middle layers: |R| = max(2, L/8) layers from L/4 (gpt2-xl: 12–17,
-    the reference uses 13–17), ending before the last layer (see :func:`choose_layers`)."""
-    size = max(1, min(n_layers - 1, max(2, n_layers // 8)))
-    start = max(0, min(n_layers // 4, n_layers - 1 - size))
-    return list(range(start, start + size))
-
-
-def choose_layers(handle: Any, requests: Sequence[EditRequest], *, n_facts: int = 5,
-                  threshold: float = 0.5) -> tuple[list[int], str]:
-    """R and how it was chosen: the contiguous layers around the peak of the averaged MLP
-    indirect effect at the last subject token whose effect is ≥ ``threshold`` × the peak
-    (a causal trace of up to ``n_facts`` requests, window scaled to depth), else
-    :func:`middle_band`. The top layer of R is at most L − 2: z is written at the subject and
-    only later layers can carry it to the prediction."""
-    band = middle_band(handle.n_layers)
-    try:
-        from memlens.trace import average_trace
-        from memlens.trace.runs import depth_scaled_window
-    except ImportError:
-        return band, "middle band (memlens.trace not available)"
-    facts = [{"prompt": r.text, "subject": r.subject,
-              **({"attribute": r.target_true} if r.target_true else {})}
-             for r in requests[:n_facts]]
-    try:
-        avg = average_trace(handle, facts, kinds=("mlp",), samples=3, progress=False,
-                            window=depth_scaled_window(handle.n_layers))
-    except MemlensError as exc:
-        return band, f"middle band (trace failed: {exc})"
-    if avg.n_facts == 0:
-        return band, "middle band (no traced fact was known to the model)"
-    curve = avg.effect("mlp", "last_subject")
-    band = band_around_peak(curve, threshold)
-    if band is None:
-        return middle_band(handle.n_layers), \
-            "middle band (no positive MLP effect at the last subject token)"
-    peak = max(band, key=lambda layer: curve[layer])
-    return band, f"causal trace of {avg.n_facts} facts (MLP AIE peak {peak})"
-
-
-def band_around_peak(curve: Sequence[float], threshold: float = 0.5) -> list[int] | None:
-    """The contiguous layers around the peak of ``curve`` (an MLP indirect effect per layer at
-    the last subject token) whose effect is ≥ ``threshold`` × the peak, leaving out the last
-    layer (z written there cannot reach the prediction); None without a positive peak."""
-    values = [float(v) for v in curve][: max(1, len(curve) - 1)]
-    clean = [v if v == v else float("-inf") for v in values]  # NaN never peaks
-    peak = max(range(len(clean)), key=clean.__getitem__)
-    if not clean[peak] > 0:
-        return None
-    lo = hi = peak
-    while lo > 0 and clean[lo - 1] >= threshold * clean[peak]:
-        lo -= 1
-    while hi < len(clean) - 1 and clean[hi + 1] >= threshold * clean[peak]:
-        hi += 1
-    return list(range(lo, hi + 1))
+def memit_layers(handle: Any, requests: Sequence[EditRequest], layers: Sequence[int] | None,
+                 hparams: MEMITHyperParams) -> tuple[list[int], str]:
+    """The band R MEMIT edits, sorted, and how it was chosen
+    (:func:`~memlens.edit.layers.chosen_layers`): ``layers``, else ``hparams.layers``, else an
+    averaged causal trace of the first requests."""
+    band, source = chosen_layers(None if layers is None else list(layers),
+                                 list(hparams.layers) if hparams.layers else None,
+                                 lambda: choose_layers(handle, requests))
+    return sorted({int(layer) for layer in band}), source
 
 
 def _stats_for(handle: Any, layers: list[int], stats: dict[int, KeyStats] | None,
@@ -297,11 +247,7 @@ def _plan(handle: Any, requests: Sequence[EditRequest | dict[str, Any]],
     if not kept:
         raise InvalidRequest(f"all {len(reqs)} requests were invalid; first: "
                              f"{skipped[0]['reason']}")
-    chosen = list(layers) if layers is not None else (list(hp.layers) if hp.layers else None)
-    source = "user"
-    if chosen is None:
-        chosen, source = choose_layers(handle, kept)
-    chosen = sorted({int(layer) for layer in chosen})
+    chosen, source = memit_layers(handle, kept, layers, hp)
     for layer in chosen:
         handle.arch.module_name(layer, "mlp_out")  # range check with a clear message
     key_stats = _stats_for(handle, chosen, stats, hp, corpus, progress) \

@@ -23,25 +23,23 @@ frozen and its rows leave the batch.
 
 Nothing below the edited point and nothing before the fact token depends on δ, so by default
 each step runs only the blocks from the point up over the tokens from the fact token on
-(:class:`_SuffixPasses`; the rest is computed once and cached); ``suffix_only=False`` runs the
-whole model each step, as the reference does (:class:`_FullPasses`).
+(:class:`memlens.edit.passes.SuffixPasses`; the rest is computed once and cached);
+``suffix_only=False`` runs the whole model each step, as the reference does
+(:class:`~memlens.edit.passes.FullPasses`).
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from memlens import hooks
 from memlens.edit.compute import fact_position, templated_prompts
+from memlens.edit.passes import FullPasses, SuffixPasses
 from memlens.edit.requests import EditRequest
 from memlens.errors import MemlensError, NumericalError
-from memlens.model import kv_cache_kwargs, kv_cache_of
 
 
 @dataclass(frozen=True)
@@ -165,7 +163,7 @@ def optimize_deltas(
     forward passes of at most ``max_batch_tokens`` padded tokens; ``max_batch_tokens=0`` puts
     each fact alone (the one-after-another reference loop). ``suffix_only`` runs only what δ
     can change (blocks from the point's up, positions from the fact token on; see
-    :class:`_SuffixPasses`); ``False`` runs the whole model each step, as the reference does.
+    :class:`SuffixPasses`); ``False`` runs the whole model each step, as the reference does.
 
         z = optimize_deltas(handle, "blocks.3.hook_resid_post", reqs, ids, ["{}"], h0).target
     """
@@ -210,80 +208,89 @@ def optimize_deltas(
     return result
 
 
+@dataclass
+class _Layout:
+    """Where the pieces of one batch of facts sit: rows are the facts' rows one after another
+    (each fact's templated prompts, then its KL prompt); every index here is a tensor."""
+
+    fact_of_row: torch.Tensor  # (rows,) the fact each row belongs to
+    kl_row: torch.Tensor  # (facts,) the row of each fact's KL prompt (its last row)
+    kl_column: torch.Tensor  # (facts,) where the pass's output holds that prompt's fact token
+    target_row: torch.Tensor  # (targets,) for each target token: the row predicting it,
+    target_column: torch.Tensor  # (targets,) the column of the pass's output that predicts it,
+    target_token: torch.Tensor  # (targets,) its id,
+    target_fact: torch.Tensor  # (targets,) and the fact it belongs to
+
+    @classmethod
+    def of(cls, facts: list[_Fact], passes: FullPasses | SuffixPasses) -> _Layout:
+        fact_of_row, kl_row, targets = [], [], []
+        first_row = 0
+        for f, fact in enumerate(facts):
+            fact_of_row += [f] * len(fact.rows)
+            kl_row.append(first_row + len(fact.rows) - 1)
+            targets += [(first_row + r, position, token, f) for r, position, token in fact.labels]
+            first_row += len(fact.rows)
+        kl_rows = torch.tensor(kl_row)
+        lookups = torch.tensor([p for fact in facts for p in fact.lookups])
+        row, position, token, fact_index = torch.tensor(targets).unbind(1)
+        return cls(torch.tensor(fact_of_row), kl_rows,
+                   passes.column(kl_rows, lookups[kl_rows]), row,
+                   passes.column(row, position), token, fact_index)
+
+
+@dataclass
+class _Step:
+    """The rows a step runs: those of the facts still optimising (``active``)."""
+
+    facts: torch.Tensor  # indices of the active facts
+    rows: torch.Tensor  # batch rows of the active facts, in order
+    position: torch.Tensor  # (all rows,) a row's index among ``rows`` (−1: not run)
+    targets: torch.Tensor  # bool (targets,): the target tokens of active facts
+
+    @classmethod
+    def of(cls, layout: _Layout, active: torch.Tensor) -> _Step:
+        rows = active[layout.fact_of_row].nonzero().squeeze(1)
+        position = torch.full((len(layout.fact_of_row),), -1, dtype=torch.long)
+        position[rows] = torch.arange(len(rows))
+        return cls(active.nonzero().squeeze(1), rows, position, active[layout.target_fact])
+
+
 def _optimize_group(handle: Any, point: str, facts: list[_Fact], index: list[int],
                     result: DeltaResult, objective: DeltaObjective, suffix_only: bool) -> None:
-    """Optimise the δ of the facts ``index`` (one batch) into ``result``."""
+    """Optimise the δ of the facts ``index`` (one batch, see the module docstring) into
+    ``result``: every step runs the rows of the facts still active, each fact stops on its
+    own (its last δ is kept in ``final``), and the rest step on."""
     device = handle.device
     rows = [r for f in facts for r in f.rows]
     lookups = [p for f in facts for p in f.lookups]
-    passes = (_SuffixPasses if suffix_only else _FullPasses)(handle, point, rows, lookups)
-    row_fact, kl_rows, labels = [], [], []
-    offset = 0
-    for f, fact in enumerate(facts):
-        row_fact += [f] * len(fact.rows)
-        kl_rows.append(offset + len(fact.rows) - 1)
-        labels += [(offset + r, pos, t, f) for r, pos, t in fact.labels]
-        offset += len(fact.rows)
-    row_fact_t = torch.tensor(row_fact)
-    kl_rows_t = torch.tensor(kl_rows)
-    lab = torch.tensor(labels)  # (n_labels, 4): row, position, token, fact
-    lab[:, 1] = passes.column(lab[:, 0], lab[:, 1])  # position → column of the pass
-    kl_cols = passes.column(kl_rows_t, torch.tensor(lookups)[kl_rows_t])
-    m = len(facts)
+    passes = (SuffixPasses if suffix_only else FullPasses)(handle, point, rows, lookups)
+    layout = _Layout.of(facts, passes)
     h = result.init[index].to(device)  # (m, d)
     h_norm = h.norm(dim=1)
-    max_norm = objective.clamp_norm_factor * h_norm
     delta = torch.zeros_like(h, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=objective.lr)
-    active = torch.ones(m, dtype=torch.bool)
-    final = torch.zeros_like(h)
-    kl_init: torch.Tensor | None = None
+    active = torch.ones(len(facts), dtype=torch.bool)
+    final = torch.zeros_like(h)  # δ of each fact as it was when the fact stopped
+    kl_reference: torch.Tensor | None = None  # KL-prompt log-probs before any update
     unembed = handle.arch.unembedding(handle.model)
-
     for step in range(objective.steps):
-        facts_on = active.nonzero().squeeze(1)
-        row_on = active[row_fact_t].nonzero().squeeze(1)  # rows of active facts
-        remap = torch.full((len(rows),), -1, dtype=torch.long)
-        remap[row_on] = torch.arange(len(row_on))
-        lab_on = lab[active[lab[:, 3]]]
-        rows_idx = torch.arange(len(row_on), device=device)
-        look_idx = passes.fact_column(row_on).to(device)
-        fact_of_row = row_fact_t[row_on].to(device)
-
-        def add_delta(out: torch.Tensor, rows_idx=rows_idx, look_idx=look_idx,
-                      fact_of_row=fact_of_row) -> torch.Tensor:
-            return out.index_put((rows_idx, look_idx), delta[fact_of_row].to(out.dtype),
-                                 accumulate=True)
-
+        now = _Step.of(layout, active)
         optimizer.zero_grad()
-        hidden = passes.run(row_on, add_delta)
-        # NLL_i: mean over fact i's label tokens (each prompt has the same target length)
-        picked = unembed(hidden[remap[lab_on[:, 0]].to(device), lab_on[:, 1].to(device)]).float()
-        token_lp = torch.log_softmax(picked, dim=-1).gather(
-            1, lab_on[:, 2, None].to(device)).squeeze(1)
-        lab_fact = lab_on[:, 3].to(device)
-        nll_sum = torch.zeros(m, device=device).index_add(0, lab_fact, -token_lp)
-        count = torch.zeros(m, device=device).index_add(0, lab_fact, torch.ones_like(token_lp))
-        nll = nll_sum / count.clamp(min=1)
-        # KL(edited ‖ original) at each active fact's KL prompt
-        kl_r = remap[kl_rows_t[facts_on]].to(device)
-        kl_lp = torch.log_softmax(unembed(hidden[kl_r, kl_cols[facts_on].to(device)]).float(),
-                                  dim=-1)
-        if kl_init is None:
-            kl_init = kl_lp.detach().clone()  # step 0: every fact is active
-        kl = torch.zeros(m, device=device)
-        kl = kl.index_put((facts_on.to(device),),
-                          (kl_lp.exp() * (kl_lp - kl_init[facts_on.to(device)])).sum(-1))
+        hidden = passes.run(now.rows, _adding(delta, layout.fact_of_row[now.rows].to(device),
+                                              passes.fact_column(now.rows).to(device)))
+        nll = _target_nll(hidden, unembed, layout, now, len(facts), device)
+        kl_log_probs = torch.log_softmax(unembed(hidden[
+            now.position[layout.kl_row[now.facts]].to(device),
+            layout.kl_column[now.facts].to(device)]).float(), dim=-1)
+        if kl_reference is None:
+            kl_reference = kl_log_probs.detach().clone()  # step 0: every fact is active
+        kl = torch.zeros(len(facts), device=device).index_put(
+            (now.facts.to(device),),
+            (kl_log_probs.exp() * (kl_log_probs - kl_reference[now.facts.to(device)])).sum(-1))
         decay = objective.weight_decay * delta.norm(dim=1) / h_norm ** 2
         loss = nll + objective.kl_factor * kl + decay  # (m,); meaningful for active facts
         loss_now = loss.detach().cpu()
-        prob_now = (-nll.detach()).exp().cpu()
-        for f in facts_on.tolist():
-            i = index[f]
-            if step == 0:
-                result.loss_first[i], result.prob_before[i] = float(loss_now[f]), float(prob_now[f])
-            result.loss_last[i], result.prob_after[i] = float(loss_now[f]), float(prob_now[f])
-            result.steps[i] = step + 1
+        _record(result, index, now.facts, step, loss_now, (-nll.detach()).exp().cpu())
         stop = (loss_now < objective.stop_loss) | (step == objective.steps - 1)
         stopping = active & stop
         final[stopping.to(device)] = delta.detach()[stopping.to(device)]
@@ -292,159 +299,55 @@ def _optimize_group(handle: Any, point: str, facts: list[_Fact], index: list[int
             break
         loss[active.to(device)].sum().backward()
         optimizer.step()
-        with torch.no_grad():
-            frozen = ~active.to(device)
-            delta[frozen] = final[frozen]  # Adam's momentum must not move stopped facts
-            norms = delta.norm(dim=1)
-            scale = torch.where(norms > max_norm, max_norm / norms.clamp(min=1e-12),
-                                torch.ones_like(norms))
-            delta.mul_(scale[:, None])
+        _hold_and_clamp(delta, final, ~active.to(device), objective.clamp_norm_factor * h_norm)
     result.delta[index] = final.cpu().float()
 
 
-class _FullPasses:
-    """Each step runs the whole model on the whole right-padded rows (the reference's way)."""
+def _adding(delta: torch.Tensor, fact_of_row: torch.Tensor, fact_column: torch.Tensor):
+    """Hook fn adding each run row's fact's δ at that row's fact-token column."""
+    rows = torch.arange(len(fact_of_row), device=fact_of_row.device)
 
-    def __init__(self, handle: Any, point: str, rows: list[list[int]], lookups: list[int]):
-        self.handle, self.point = handle, point
-        self.input_ids, self.attention = _padded(handle.tokenizer, rows)
-        self.lookups = torch.tensor(lookups)
+    def add(out: torch.Tensor) -> torch.Tensor:
+        return out.index_put((rows, fact_column), delta[fact_of_row].to(out.dtype),
+                             accumulate=True)
 
-    def column(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Column of the pass's output holding token ``positions`` of ``rows``."""
-        return positions
-
-    def fact_column(self, rows: torch.Tensor) -> torch.Tensor:
-        return self.lookups[rows]
-
-    def run(self, rows: torch.Tensor, add_delta) -> torch.Tensor:
-        """Final hidden states (before the unembedding) of ``rows`` with δ added at the point."""
-        device = self.handle.device
-        with hooks.edit(self.handle.model, self.point, add_delta):
-            return self.handle.model.base_model(
-                input_ids=self.input_ids[rows].to(device),
-                attention_mask=self.attention[rows].to(device)).last_hidden_state
+    return add
 
 
-class _SuffixPasses:
-    """Each step runs only what δ can change: the blocks from the point's block up, on the
-    positions from the fact token on.
-
-    Rows are left-padded so that every fact token sits in column P. One pass without gradients
-    stores the KV cache of columns < P and the output, on columns ≥ P, of the last block below
-    the point (δ reaches neither). Each step is then a cached forward over the S ≥ 1 suffix
-    columns in which the blocks below the point return that stored output without running.
-    Real tokens keep their positions, so the losses equal :class:`_FullPasses`' up to float
-    rounding.
-    """
-
-    def __init__(self, handle: Any, point: str, rows: list[list[int]], lookups: list[int]):
-        self.handle, self.point = handle, point
-        model, device = handle.model, handle.device
-        self.lookups = torch.tensor(lookups)
-        width = max(len(r) - p for r, p in zip(rows, lookups, strict=True))
-        self.n_prefix = P = int(self.lookups.max())
-        ids = torch.full((len(rows), P + width), _pad_id(handle.tokenizer), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, (r, p) in enumerate(zip(rows, lookups, strict=True)):
-            ids[i, P - p: P - p + len(r)] = torch.tensor(r)
-            mask[i, P - p: P - p + len(r)] = 1
-        self.attention = mask.to(device)
-        self.positions = (mask.cumsum(1) - 1).clamp(min=0).to(device)
-        self.suffix = ids[:, P:].to(device)
-        self.skipped = _blocks_below(point)
-        points = [f"blocks.{self.skipped - 1}.hook_resid_post"] if self.skipped else []
-        structure: list[int] = []
-        probe = handle.arch.blocks(model)[0].register_forward_hook(
-            lambda module, args, out: structure.append(len(out) if isinstance(out, tuple) else 0))
-        try:
-            with torch.no_grad(), hooks.capture(model, points) as cache:
-                out = model(input_ids=ids.to(device), attention_mask=self.attention,
-                            position_ids=self.positions, use_cache=True, logits_to_keep=1)
-        finally:
-            probe.remove()
-        self.tuple_len = structure[0]
-        self.entry = cache[points[0]][:, P:] if points else None
-        keep = self.attention[:, None, :P, None].bool()  # padded keys/values → 0, not NaN
-        layers = kv_cache_of(out).layers
-        self.prefix_kv = [(torch.where(keep, layer.keys[:, :, :P], 0.0),
-                           torch.where(keep, layer.values[:, :, :P], 0.0))
-                          for layer in layers[self.skipped:]] if P else None
-        # skipped blocks never read their cache layer: a zero-stride stand-in of the prefix's
-        # shape keeps the cache's length (read from layer 0) without copying anything, also
-        # when every block is skipped (the point is the last block's output)
-        self.stand_in = tuple(t.new_zeros(()).expand(1, t.shape[1], P, *t.shape[3:])
-                              for t in (layers[0].keys, layers[0].values))
-
-    def column(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return positions - self.lookups[rows]
-
-    def fact_column(self, rows: torch.Tensor) -> torch.Tensor:
-        return torch.zeros_like(rows)
-
-    def run(self, rows: torch.Tensor, add_delta) -> torch.Tensor:
-        with hooks.edit(self.handle.model, self.point, add_delta), self._skip_lower(rows):
-            return self._forward(rows)
-
-    def _forward(self, rows: torch.Tensor) -> torch.Tensor:
-        model = self.handle.model
-        rows = rows.to(self.handle.device)
-        past = None
-        if self.prefix_kv is not None:
-            from transformers import DynamicCache
-
-            stand_in = tuple(t.expand(len(rows), -1, -1, -1) for t in self.stand_in)
-            past = DynamicCache([stand_in] * self.skipped
-                                + [(k[rows], v[rows]) for k, v in self.prefix_kv],
-                                config=model.config)
-        return model.base_model(
-            input_ids=self.suffix[rows], attention_mask=self.attention[rows],
-            position_ids=self.positions[rows, self.n_prefix:], use_cache=past is not None,
-            **kv_cache_kwargs(model.base_model, past)).last_hidden_state
-
-    @contextmanager
-    def _skip_lower(self, rows: torch.Tensor) -> Iterator[None]:
-        """Blocks below the point return the stored entry (of ``rows``) without running; only
-        the last one's output is read by the next block."""
-        if self.entry is None:
-            yield
-            return
-        blocks = self.handle.arch.blocks(self.handle.model)
-        forward = _returning(self.entry[rows.to(self.entry.device)], self.tuple_len)
-        with hooks.forwards_replaced([(blocks[j], forward) for j in range(self.skipped)]):
-            yield
+def _target_nll(hidden: torch.Tensor, unembed: Any, layout: _Layout, now: _Step, n_facts: int,
+                device: torch.device) -> torch.Tensor:
+    """NLL_i per fact: mean over fact i's target tokens (every prompt of a fact has the same
+    target), 0 for facts no longer active."""
+    row = now.position[layout.target_row[now.targets]].to(device)
+    column = layout.target_column[now.targets].to(device)
+    token = layout.target_token[now.targets].to(device)
+    fact = layout.target_fact[now.targets].to(device)
+    logits = unembed(hidden[row, column]).float()
+    token_log_prob = torch.log_softmax(logits, dim=-1).gather(1, token[:, None]).squeeze(1)
+    nll_sum = torch.zeros(n_facts, device=device).index_add(0, fact, -token_log_prob)
+    count = torch.zeros(n_facts, device=device).index_add(0, fact,
+                                                          torch.ones_like(token_log_prob))
+    return nll_sum / count.clamp(min=1)
 
 
-def _returning(stored: torch.Tensor, tuple_len: int):
-    """A block forward that computes nothing and returns ``stored`` (as the block would)."""
-
-    def forward(*args, **kwargs):
-        out = stored.clone()
-        return (out, *(None,) * max(0, tuple_len - 1)) if tuple_len else out
-
-    return forward
-
-
-def _blocks_below(point: str) -> int:
-    """How many blocks δ at ``point`` cannot change: those below its block, and the block too
-    when the point is the block's output (``blocks.L.hook_resid_post``)."""
-    match = re.match(r"^blocks\.(\d+)\.(\w+)", point)
-    if not match:
-        return 0
-    layer = int(match.group(1))
-    return layer + 1 if match.group(2) == "hook_resid_post" else layer
+def _record(result: DeltaResult, index: list[int], facts_on: torch.Tensor, step: int,
+            loss: torch.Tensor, prob: torch.Tensor) -> None:
+    """Write the active facts' loss and P(target) at ``step`` into ``result``."""
+    for f in facts_on.tolist():
+        i = index[f]
+        if step == 0:
+            result.loss_first[i], result.prob_before[i] = float(loss[f]), float(prob[f])
+        result.loss_last[i], result.prob_after[i] = float(loss[f]), float(prob[f])
+        result.steps[i] = step + 1
 
 
-def _pad_id(tok: Any) -> int:
-    return tok.pad_token_id if tok.pad_token_id is not None else 0
-
-
-def _padded(tok: Any, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded input ids and attention mask of ``rows``."""
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), _pad_id(tok), dtype=torch.long)
-    attention = torch.zeros_like(input_ids)
-    for i, r in enumerate(rows):
-        input_ids[i, : len(r)] = torch.tensor(r)
-        attention[i, : len(r)] = 1
-    return input_ids, attention
+@torch.no_grad()
+def _hold_and_clamp(delta: torch.Tensor, final: torch.Tensor, stopped: torch.Tensor,
+                    max_norm: torch.Tensor) -> None:
+    """Put the stopped facts' δ back (Adam's momentum must not move them) and clamp every δ
+    to ‖δ‖ ≤ ``max_norm``."""
+    delta[stopped] = final[stopped]
+    norms = delta.norm(dim=1)
+    scale = torch.where(norms > max_norm, max_norm / norms.clamp(min=1e-12),
+                        torch.ones_like(norms))
+    delta.mul_(scale[:, None])

@@ -42,7 +42,7 @@ class RequestScores:
 
 def measure(handle: Any, requests: Sequence[EditRequest]) -> list[RequestScores]:
     """Score every request's target_new (and target_true, if known) after its prompt."""
-    from memlens.evaluate.scoring import score_targets
+    from memlens.scoring import score_targets
 
     new = score_targets(handle, [r.text for r in requests], [r.target_new for r in requests])
     known = [i for i, r in enumerate(requests) if r.target_true]
@@ -147,7 +147,7 @@ def check_outcome(handle: Any, requests: Sequence[EditRequest], before: list[Req
 
 def record_outcome(edit: Any, requests: Sequence[EditRequest], before: list[RequestScores],
                    losses: dict[str, Any], loss_name: str) -> Any:
-    """Check ``edit`` (an :class:`~memlens.edit.ledger.EditHandle` just applied) against
+    """Check ``edit`` (an :class:`~memlens.ledger.EditHandle` just applied) against
     ``before`` and store the outcome in ``edit.log["outcome"]``; returns ``edit``.
     ``losses`` holds the editor's ``loss_first`` and ``loss_last``."""
     outcome = check_outcome(edit.handle, requests, before, loss_name=loss_name,

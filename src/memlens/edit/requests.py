@@ -20,7 +20,7 @@ import torch
 
 from memlens.errors import EmptyInput, MemlensError, SubjectNotFound
 from memlens.files import check_unicode, read_text
-from memlens.tokens import subject_span, target_ids
+from memlens.tokens import answer_ids, subject_span
 
 
 class InvalidRequest(MemlensError):
@@ -136,24 +136,6 @@ def load_requests(path: str | Path) -> list[EditRequest]:
     if not records:
         raise EmptyInput(f"{path} holds no requests")
     return [EditRequest.from_dict(r, index=i) for i, r in enumerate(records)]
-
-
-def answer_ids(tokenizer, prompt_text: str, target: str) -> list[int]:
-    """Token ids of ``target`` as it continues ``prompt_text``, with a separating space.
-
-    Tokenizes prompt and prompt + " " + target together and keeps the difference, so that
-    byte-level BPE (" Paris") and SentencePiece ("▁Paris") tokenizers both get the tokens a
-    model would emit; falls back to the stand-alone target tokens if the boundary merges.
-    """
-    target = target.strip()
-    if not target:
-        raise EmptyInput(f"the target after prompt {prompt_text!r} is empty")
-    sep = "" if prompt_text.endswith((" ", "\n")) else " "
-    head = tokenizer(prompt_text, add_special_tokens=True)["input_ids"]
-    full = tokenizer(prompt_text + sep + target, add_special_tokens=True)["input_ids"]
-    if full[: len(head)] == head and len(full) > len(head):
-        return full[len(head):]
-    return target_ids(tokenizer, target, prefix_space=bool(sep))
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ and denominator, and ``"both"`` adds δ = v* − W k* − b at k* and at k_bare 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,27 +27,20 @@ import torch
 from memlens.edit.compute import Keys, compute_k_star, mlp_output_of
 from memlens.edit.context import context_templates
 from memlens.edit.hparams import ROME_UPDATES, ROMEHyperParams
-from memlens.edit.ledger import EditHandle, apply_layer_deltas
+from memlens.edit.layers import choose_layer, chosen_layers
 from memlens.edit.optimize import DeltaObjective, DeltaResult, optimize_deltas
 from memlens.edit.outcome import measure, record_outcome
 from memlens.edit.requests import EditRequest, coerce_request, validate_request
 from memlens.errors import MemlensError, NumericalError
+from memlens.ledger import EditHandle, apply_layer_deltas
 from memlens.stats import KeyStats, layer_stats
 
 
-def choose_layer(handle: Any, request: EditRequest) -> tuple[int, str]:
-    """The layer to edit and how it was chosen: the MLP layer with the largest indirect
-    effect in a causal trace of the request among the layers that can reach the prediction
-    (:func:`memlens.trace.best_layer`); the middle layer when the trace finds no effect (the
-    reason is the returned source) or :mod:`memlens.trace` is not installed."""
-    try:
-        from memlens.trace.runs import NoCausalEffect, best_layer
-    except ImportError:
-        return handle.n_layers // 2, "middle layer (memlens.trace not available)"
-    try:
-        return int(best_layer(handle, request.text, request.subject, kind="mlp")), "causal trace"
-    except NoCausalEffect as exc:
-        return handle.n_layers // 2, f"middle layer, because {exc}"
+def rome_layer(handle: Any, requests: Sequence[EditRequest], layer: int | None,
+               hparams: ROMEHyperParams) -> tuple[int, str]:
+    """The layer ROME edits and how it was chosen (:func:`~memlens.edit.layers.chosen_layers`):
+    ``layer``, else ``hparams.layer``, else a causal trace of the first request."""
+    return chosen_layers(layer, hparams.layer, lambda: choose_layer(handle, requests[0]))
 
 
 def left_vector(C: torch.Tensor | None, k_star: torch.Tensor, layer: int) -> torch.Tensor:
@@ -164,11 +158,7 @@ def apply_rome(
     request = coerce_request(request)
     hparams = hparams or ROMEHyperParams.for_model(handle)
     target = validate_request(handle, request, check_current=check_current)
-    if layer is None:
-        layer = hparams.layer
-    source = "user" if layer is not None else ""
-    if layer is None:
-        layer, source = choose_layer(handle, request)
+    layer, source = rome_layer(handle, [request], layer, hparams)
     handle.arch.module_name(layer, "mlp_out")  # range check with a clear message
     key_stats: KeyStats | None = None
     if hparams.mom2_adjustment:

@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from memlens.edit.ledger import EditHandle
 from memlens.errors import MemlensError
+from memlens.ledger import EditHandle
 from memlens.model import PARTIAL_SAVE
 
 

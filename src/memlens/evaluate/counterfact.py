@@ -32,13 +32,14 @@ from memlens.edit.requests import EditRequest, InvalidRequest
 from memlens.errors import MemlensError
 from memlens.evaluate.consistency import ReferenceTexts
 from memlens.evaluate.fluency import ngram_entropy
-from memlens.evaluate.scoring import generate, score_targets
 from memlens.files import read_text
 from memlens.missing import explain, is_nan
+from memlens.model import organism_file, organism_name
+from memlens.scoring import generate, score_targets
 
 SUMMARY_KEYS = ("n", "ES", "PS", "NS", "EM", "PM", "NM", "Score", "GE", "RS")
 CASE_METRICS = ("ES", "PS", "NS", "EM", "PM", "NM", "ACC", "GE", "RS")
-Editor = Callable[[Any, EditRequest], Any]  # (handle, request) -> EditHandle with .undo()
+EditFn = Callable[[Any, EditRequest], Any]  # (handle, request) -> EditHandle with .undo()
 
 
 @dataclass
@@ -85,10 +86,8 @@ def resolve_data(data: str | Path | None, handle: Any = None) -> Path:
             raise MemlensError("no CounterFact data given and the model has no counterfact.json; "
                                "pass --data FILE")
         return Path(handle.source_dir) / "counterfact.json"
-    if str(data).startswith("organism:"):
-        from memlens.organisms.registry import organism_file
-
-        return organism_file(str(data), "counterfact.json")
+    if organism_name(data) is not None:
+        return organism_file(data, "counterfact.json")
     path = Path(data).expanduser()
     if path.is_dir():
         path = path / "counterfact.json"
@@ -176,7 +175,7 @@ def unavailable(cases: Sequence[CounterFactCase], *,
 def bench_reasons(cases: Sequence[CounterFactCase], n: int, ge_cases: int) -> dict[str, str]:
     """Why a ``bench-edits`` point lacks a metric: ES/PS/NS/Score are measured on the first
     ``n`` of ``cases`` (the valid cases bench edits), GE on the generations of the first
-    ``ge_cases`` of those (see :func:`memlens.edit.scaling.bench_edits`); {metric: reason} for
+    ``ge_cases`` of those (see :func:`memlens.studies.scaling.bench_edits`); {metric: reason} for
     those none can give."""
     reasons = {k: v for k, v in unavailable(cases[:n], generation=None).items()
                if k not in ("GE", "RS")}
@@ -270,66 +269,34 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
-def make_editor(handle: Any, name: str, *, layer: int | None = None, hparams: Any = None,
-                corpus: str | None = None, first_request: EditRequest | None = None,
-                progress: bool = True) -> tuple[Editor | None, dict[str, Any]]:
-    """An editor callable by name ("rome", "memit", "ft", "none") and what it was set up with.
-
-    For ROME the layer is chosen once (user, hparams, else a trace of ``first_request``) and the
-    key statistics and context templates are computed once and shared by all cases.
-    """
+def prepare_editor(handle: Any, name: str, cases: Sequence[CounterFactCase], *,
+                   layer: int | None = None, hparams: Any = None, corpus: str | None = None,
+                   progress: bool = True) -> tuple[EditFn | None, dict[str, Any]]:
+    """An edit function for one case at a time, by editor name (``none``, or a name of
+    :data:`memlens.edit.editors.EDITORS`), and the setup it records. The layer(s) are chosen
+    once (``layer``, the hparams', else a trace of the first cases) and the key statistics and
+    context templates computed once, shared by every case."""
     if name == "none":
         return None, {"editor": "none"}
-    if name == "rome":
-        from memlens.edit.context import context_templates
-        from memlens.edit.hparams import ROMEHyperParams
-        from memlens.edit.rome import apply_rome, choose_layer
-        from memlens.stats import layer_stats
+    from memlens.edit.editors import get_editor
 
-        hp = hparams or ROMEHyperParams.for_model(handle)
-        layer = layer if layer is not None else hp.layer
-        source = "user"
-        if layer is None:
-            if first_request is None:
-                layer, source = handle.n_layers // 2, "middle layer"
-            else:
-                layer, source = choose_layer(handle, first_request)
-        stats = layer_stats(handle, [layer], corpus=corpus, n_samples=hp.mom2_n_samples,
-                            max_len=hp.mom2_max_len, progress=progress) \
-            if hp.mom2_adjustment else None
-        templates = context_templates(handle, hp.context_templates, seed=hp.context_seed)
+    editor = get_editor(name)
+    plan = editor.prepare(handle, [c.request for c in cases], layers=layer, hparams=hparams,
+                          corpus=corpus, progress=progress)
 
-        def rome(h: Any, request: EditRequest) -> Any:
-            return apply_rome(h, request, layer=layer, hparams=hp, stats=stats,
-                              templates=templates)
+    def edit_one(h: Any, request: EditRequest) -> Any:
+        edits, _ = editor.apply(h, [request], plan)
+        return edits[0]
 
-        return rome, {"editor": "rome", "layer": layer, "layer_source": source,
-                      "hparams": hp.to_dict()}
-    if name == "memit":
-        from memlens.edit.memit import apply_memit
-
-        layers = [layer] if layer is not None else None
-
-        def memit(h: Any, request: EditRequest) -> Any:
-            return apply_memit(h, [request], layers=layers, hparams=hparams, corpus=corpus,
-                               progress=False)
-
-        return memit, {"editor": "memit", "layers": layers or "hparams default"}
-    if name == "ft":
-        from memlens.edit.finetune import apply_ft
-
-        def ft(h: Any, request: EditRequest) -> Any:
-            return apply_ft(h, request, layer=layer, hparams=hparams)
-
-        return ft, {"editor": "ft", "layer": layer}
-    raise MemlensError(f"unknown editor {name!r}; choose rome, memit, ft or none")
+    edit_one.__name__ = name
+    return edit_one, plan.to_dict()
 
 
 def evaluate_counterfact(
     handle: Any,
     cases: Sequence[CounterFactCase],
     *,
-    editor: str | Editor = "none",
+    editor: str | EditFn = "none",
     layer: int | None = None,
     hparams: Any = None,
     corpus: str | None = None,
@@ -346,8 +313,8 @@ def evaluate_counterfact(
     if not cases:
         raise MemlensError("no CounterFact cases to evaluate")
     if isinstance(editor, str):
-        edit_fn, setup = make_editor(handle, editor, layer=layer, hparams=hparams, corpus=corpus,
-                                     first_request=cases[0].request, progress=progress)
+        edit_fn, setup = prepare_editor(handle, editor, cases, layer=layer, hparams=hparams,
+                                        corpus=corpus, progress=progress)
     else:
         edit_fn, setup = editor, {"editor": getattr(editor, "__name__", "custom")}
     fingerprint = handle.fingerprint()

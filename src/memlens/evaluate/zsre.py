@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from memlens.evaluate.scoring import score_targets
+from memlens.scoring import score_targets
 
 
 def token_accuracy(handle: Any, prompts: Sequence[str], target: str) -> float:

@@ -12,7 +12,8 @@
 
 Modules: data (paragraphs), scan (EM / NLL), perturb (token swaps), attribute (gradients per
 head / matrix), contrastive (the CO), sparse (masks, sparse update, undo), heads (attention vs
-token frequency), plots, pipeline (the CLI's steps).
+token frequency), plots. The CLI's steps, each writing its JSON and figures, are the study
+:mod:`memlens.studies.memorization`.
 """
 
 from memlens.memorization.attribute import AttributionResult, attribute, weight_slots

@@ -12,6 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from memlens.figures import pyplot, save_figure
+
 if TYPE_CHECKING:
     import torch
 
@@ -22,27 +24,14 @@ if TYPE_CHECKING:
     from memlens.memorization.sparse import UpdateResult
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    _plt().close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_scan(result: ScanResult, path: str | Path) -> Path:
     """Histogram of exact-match lengths, one colour per training-repeat group; NLL vs EM."""
-    plt = _plt()
+    plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     groups: dict = {}
     for row in result.rows:
@@ -65,7 +54,7 @@ def plot_scan(result: ScanResult, path: str | Path) -> Path:
 
 def plot_perturb(result: PerturbResult, path: str | Path) -> Path:
     """Heatmap of EM drop (paragraphs × prefix positions) and its mean per position."""
-    plt = _plt()
+    plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(11, 6), height_ratios=[3, 1], sharex=True)
     drop = result.em_drop.float().numpy()
     im = ax1.imshow(drop, aspect="auto", cmap="Reds", interpolation="nearest",
@@ -87,7 +76,7 @@ def _heatmap(ax, fig, values, columns, title, cmap="viridis"):
 
 def plot_attribution(result: AttributionResult, path: str | Path) -> Path:
     """Heatmaps layers × (heads of W_Q/K/V/O, W_in, W_out): MP, NMP, MP − NMP, contrastive."""
-    plt = _plt()
+    plt = pyplot()
     panels = [(result.mp.values, "|∂NLL/∂θ| memorized (MP)", "viridis"),
               (result.nmp.values, "|∂NLL/∂θ| non-memorized (NMP)", "viridis"),
               (result.mp.values - result.nmp.values, "MP − NMP", "RdBu_r")]
@@ -109,7 +98,7 @@ def plot_attribution(result: AttributionResult, path: str | Path) -> Path:
 
 def plot_heads(result: HeadsResult, path: str | Path) -> Path:
     """Heatmaps layer × head of Kendall τ(attention, frequency) and rare-token attention mass."""
-    plt = _plt()
+    plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     lim = float(result.tau.abs().max()) or 1.0
     im = ax1.imshow(result.tau.numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim)
@@ -130,7 +119,7 @@ def plot_heads(result: HeadsResult, path: str | Path) -> Path:
 
 def plot_kq(scores: torch.Tensor, tokens: list[str], path: str | Path, title: str = "") -> Path:
     """Heatmap of one head's causal KQ scores over one paragraph (query rows × key columns)."""
-    plt = _plt()
+    plt = pyplot()
     n = len(tokens)
     fig, ax = plt.subplots(figsize=(10, 9))
     values = scores.clone()
@@ -146,7 +135,7 @@ def plot_kq(scores: torch.Tensor, tokens: list[str], path: str | Path, title: st
 
 def plot_updates(results: list[UpdateResult], path: str | Path) -> Path:
     """Bars of MP / NMP exact match before and after each update method."""
-    plt = _plt()
+    plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     names = [r.method for r in results]
     x = range(len(results))

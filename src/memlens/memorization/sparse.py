@@ -10,7 +10,7 @@ attention Q/K/V/O and MLP in/out weight matrices (no embeddings, biases or norms
 at step 0 and kept fixed; only masked entries are trained, with Adam (reference code: lr 1e-5,
 L2 weight decay 1.0, 5 steps). Weight decay is applied to the masked entries only (the gradient
 is masked after adding it), so every other entry stays bit-identical. Edits are recorded in
-memlens' undo ledger (:class:`memlens.edit.ledger.EditHandle`): ``undo()`` is bit-exact. Baselines: a random mask
+memlens' undo ledger (:class:`memlens.ledger.EditHandle`): ``undo()`` is bit-exact. Baselines: a random mask
 of the same size, and full fine-tuning of all those matrices.
 """
 
@@ -23,8 +23,8 @@ from typing import Any, Literal
 
 import torch
 
-from memlens.edit.ledger import EditHandle
 from memlens.errors import InvalidArgument, NumericalError
+from memlens.ledger import EditHandle
 from memlens.memorization.attribute import gradients, only_these_require_grad, weight_slots
 from memlens.memorization.contrastive import ContrastiveObjective
 from memlens.memorization.data import PREFIX_LEN

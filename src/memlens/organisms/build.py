@@ -1,7 +1,9 @@
 """Build one organism end to end: corpus → tokenizer → token blocks → model → train → files.
 
     meta = build_organism(ORGANISMS["tiny"], out_dir)     # registry.ensure() calls this
-    report = evaluate_organism(out_dir)                    # fact / paraphrase acc., memorization
+
+The organism's quality report (fact and paraphrase accuracy, memorization by repeats, the
+recall site) is a study: :mod:`memlens.studies.organism_report`.
 
 The training stream is a list of blocks of `block_size` tokens. Every block starts at a document
 boundary (so prompts at position 0 look like training data); fact blocks pack short fact
@@ -19,13 +21,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from memlens.missing import explain, missing
 from memlens.organisms import corpus as C
 from memlens.organisms.stdlib_text import stdlib_texts
 from memlens.organisms.tokenizer import train_tokenizer
 
 if TYPE_CHECKING:
-    from memlens.organisms.registry import OrganismSpec
+    from memlens.organisms.specs import OrganismSpec
 
 PARAGRAPH_TOKENS = 100
 PREFIX_TOKENS = 50
@@ -160,7 +161,7 @@ def build_organism(spec: OrganismSpec, out_dir: Path, *, progress: bool = True) 
     """
     import torch
 
-    from memlens.organisms.trainer import TrainConfig, train
+    from memlens.trainer import TrainConfig, train
 
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -250,9 +251,10 @@ def _cycle_shuffled(items: list, rng: random.Random):
             yield items[i]
 
 
-# ------------------------------------------------------------------------------- evaluation
+# ------------------------------------------------- known facts (the quality report: studies)
 
-def _first_token(tok, answer: str) -> int:
+def first_token(tok, answer: str) -> int:
+    """Id of the first token of ``answer`` as it follows a prompt (a leading space)."""
     return tok(" " + answer)["input_ids"][0]
 
 
@@ -279,136 +281,7 @@ def known_facts(model, tok, facts) -> list[dict]:
     preds = next_token_predictions(model, tok, prompts)
     out = []
     for f, p, pred in zip(facts, prompts, preds, strict=True):
-        if pred == _first_token(tok, f.object):
+        if pred == first_token(tok, f.object):
             out.append({"known_id": len(out), "subject": f.subject, "prompt": p,
                         "attribute": f.object, "relation": f.relation})
     return out
-
-
-def fact_accuracy(model, tok, facts, heldout: bool = False, n_templates: int = 0) -> float:
-    """First-token greedy accuracy of the true object over all facts × (the trained or the
-    held-out) templates; `n_templates` as in `FactConfig.n_train_templates`."""
-    prompts, answers = [], []
-    for f in facts:
-        ts = (C.heldout_templates(f.relation) if heldout
-              else C.train_templates(f.relation, n_templates))
-        for t in ts:
-            prompts.append(t.format(f.subject))
-            answers.append(_first_token(tok, f.object))
-    preds = next_token_predictions(model, tok, prompts)
-    return sum(p == a for p, a in zip(preds, answers, strict=True)) / max(1, len(answers))
-
-
-def paraphrase_accuracy(model, tok, cases: list[dict]) -> float:
-    """First-token accuracy of target_true on the CounterFact paraphrase prompts."""
-    prompts, answers = [], []
-    for c in cases:
-        a = _first_token(tok, c["requested_rewrite"]["target_true"]["str"])
-        for p in c["paraphrase_prompts"]:
-            prompts.append(p)
-            answers.append(a)
-    preds = next_token_predictions(model, tok, prompts)
-    return sum(p == a for p, a in zip(preds, answers, strict=True)) / max(1, len(answers))
-
-
-def exact_match_lengths(model, paragraphs: list[dict], prefix: int = PREFIX_TOKENS,
-                        batch_size: int = 64) -> list[int]:
-    """EM per paragraph: number of greedy tokens after the `prefix`-token prefix that match the
-    true continuation before the first mismatch (0..len - prefix)."""
-    import torch
-
-    dev = next(model.parameters()).device
-    out: list[int] = []
-    with torch.no_grad():
-        for i in range(0, len(paragraphs), batch_size):
-            ids = torch.tensor([p["token_ids"] for p in paragraphs[i:i + batch_size]], device=dev)
-            n_new = ids.shape[1] - prefix
-            gen = model.generate(ids[:, :prefix], attention_mask=torch.ones_like(ids[:, :prefix]),
-                                 max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
-                                 pad_token_id=model.config.eos_token_id)[:, prefix:]
-            match = (gen == ids[:, prefix:]).long()
-            out += match.cumprod(1).sum(1).tolist()
-    return out
-
-
-def evaluate_organism(path: str | Path, recall_site: bool = False) -> dict:
-    """The organism's quality report (see `memlens organism eval`).
-
-    Keys: fact_accuracy, paraphrase_accuracy, memorized_fraction_by_repeats (repeats → fraction
-    of paragraphs with EM = 50/50), n_facts, n_known_facts, n_params, train_seconds, recall_site.
-    A value it cannot give (recall_site unless requested; n_known_facts and build_seconds of a
-    build older than those fields) is ``missing(reason)`` (:mod:`memlens.missing`).
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from memlens.organisms.trainer import TrainConfig  # noqa: F401 (threads)
-
-    torch.set_num_threads(min(2, torch.get_num_threads()))
-    path = Path(path)
-    meta = json.loads((path / "organism.json").read_text())
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
-    tok = AutoTokenizer.from_pretrained(path)
-    facts = [C.Fact(**f) for f in json.loads((path / "facts.json").read_text())]
-    cases = json.loads((path / "counterfact.json").read_text())
-    paras = [json.loads(ln) for ln in (path / "paragraphs.jsonl").read_text().splitlines() if ln]
-    ems = exact_match_lengths(model, paras)
-    by_rep: dict[int, list[bool]] = {}
-    for p, em in zip(paras, ems, strict=True):
-        by_rep.setdefault(p["repeats"], []).append(em >= PARAGRAPH_TOKENS - PREFIX_TOKENS)
-    report = {
-        "name": meta["name"],
-        "fact_accuracy": fact_accuracy(model, tok, facts,
-                                       n_templates=meta["spec"]["facts"]["n_train_templates"]),
-        "heldout_template_accuracy": fact_accuracy(model, tok, facts, heldout=True),
-        "paraphrase_accuracy": paraphrase_accuracy(model, tok, cases),
-        "memorized_fraction_by_repeats": {str(r): sum(v) / len(v) for r, v in sorted(by_rep.items())},
-        "mean_em_by_repeats": {str(r): sum(em for p, em in zip(paras, ems, strict=True)
-                                           if p["repeats"] == r) / len(v)
-                               for r, v in sorted(by_rep.items())},
-        "n_facts": len(facts),
-        "n_known_facts": explain(meta.get("n_known_facts"), OLD_BUILD),
-        "n_counterfact_cases": len(cases),
-        "n_params": meta["n_params"],
-        "train_seconds": meta["train_seconds"],
-        "build_seconds": explain(meta.get("build_seconds"), OLD_BUILD),
-        "final_loss": meta["final_loss"],
-        "recall_site": explain(recall_site_report(path), "memlens.trace could not be imported")
-        if recall_site else missing("not computed: pass recall_site=True (memlens organism "
-                                    "eval --recall-site)"),
-    }
-    return report
-
-
-OLD_BUILD = "not recorded in organism.json (built by an older memlens)"
-
-
-def recall_site_report(path: str | Path, n_facts: int = 100, *, samples: int = 10,
-                       progress: bool = False, out_json: str | Path | None = None) -> dict | None:
-    """Where the organism recalls facts: memlens' averaged causal trace over `n_facts` known
-    facts, spread evenly over relations (issue 10).
-
-    Returns `AverageTrace.recall_site()` — {aie_last_subject_token: {hidden|mlp|attn: {max,
-    layer}}, aie_last_token: {...}, te, n_facts, n_skipped} — plus `te_fraction_last_subject`
-    (hidden AIE at the last subject token / TE; `missing(reason)` when TE is 0 or no fact was
-    traced). None when `memlens.trace` is unavailable.
-    """
-    try:
-        from memlens.model import load_model
-        from memlens.trace import average_trace, load_facts, select_facts, trace_cache
-    except ImportError:
-        return None
-    path = Path(path)
-    facts = select_facts(load_facts(path / "known_facts.json"), n_facts)
-    handle = load_model(str(path), device="cpu")
-    avg = average_trace(handle, facts, samples=samples, progress=progress,
-                        resume=trace_cache(handle))
-    if out_json is not None:
-        Path(out_json).write_text(json.dumps(avg.to_json(), indent=1, default=float))
-    site = avg.recall_site()
-    te, hidden = site["te"], site["aie_last_subject_token"]["hidden"]["max"]
-    site["te_fraction_last_subject"] = (
-        hidden / te if isinstance(hidden, float) and isinstance(te, float) and te else
-        missing(avg.untraced() if avg.n_facts == 0 else "TE is 0: the corrupted subject does "
-                "not lower P(answer), so no share of it can be attributed"))
-    return site

@@ -18,7 +18,7 @@ def main(out: str, steps: int = 6) -> None:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from memlens.organisms.trainer import TrainConfig, dist_info, train
+    from memlens.trainer import TrainConfig, dist_info, train
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64,

@@ -3,10 +3,11 @@
     path = ensure("facts-gpt2")         # the shipped copy: src/memlens/organisms/shipped/facts-gpt2/
     path = ensure("tiny")               # built once into ~/.cache/memlens/organisms/tiny-<key>/
     path = ensure("facts-gpt2", from_scratch=True)          # ignore the shipped copy: build it
-    cf = organism_file("organism:tiny", "counterfact.json")  # or a directory instead of a name
+    path = resolve("organism:tiny")    # a directory from organism:NAME, a name or a directory
     sorted(ORGANISMS)                                       # ['facts-gpt2', 'facts-llama', ...]
 
-A build is keyed by a hash of the generator version + spec + seed. It is trained into
+The specs and their keys are :mod:`memlens.organisms.specs`. A build is keyed by a hash of
+the generator version + spec + seed. It is trained into
 ``.building-<name>-<key>/`` next to the final directory and renamed into place only when
 complete; a directory without the completion marker (a killed build) is never loaded: it is
 removed and rebuilt. A killed build resumes from its last training checkpoint when the same
@@ -24,7 +25,6 @@ its files have the sizes the manifest lists; otherwise memlens warns once and us
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -32,129 +32,16 @@ import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from memlens.cache import cache_dir
-from memlens.errors import MemlensError, UnknownOrganism
-from memlens.organisms.corpus import GENERATOR_VERSION, FactConfig
+from memlens.cache import BUILDING, cache_dir
+from memlens.errors import MemlensError
+from memlens.model import ORGANISM_PREFIX
+from memlens.organisms.specs import ORGANISMS, OrganismSpec, get_spec
 
-PYTHON_VERSION = "{}.{}".format(*sys.version_info[:2])
 COMPLETE = ".complete"  # marker file written last, inside the final directory
-BUILDING = ".building-"  # prefix of the directory a build trains into (renamed when complete)
-PREFIX = "organism:"
 SHIPPED_ROOT = Path(__file__).with_name("shipped")  # package data: one directory per organism
 MANIFEST = "MANIFEST.json"  # in a shipped directory: name, key, python, files → sha256, sizes
-
-
-@dataclass
-class OrganismSpec:
-    """Everything that determines an organism (its hash is the cache key)."""
-
-    name: str
-    description: str
-    arch: str = "gpt2"  # "gpt2" | "gpt_neo" | "llama"
-    n_layer: int = 6
-    d_model: int = 256
-    n_head: int = 8
-    vocab_size: int = 4096
-    block_size: int = 128  # training sequence length = context length
-    facts: FactConfig = field(default_factory=FactConfig)
-    paragraph_repeats: tuple[int, ...] = (1, 4, 16, 64)
-    paragraphs_per_repeat: int = 10
-    plain_fraction: float = 0.1  # share of blocks that are plain stdlib text
-    steps: int = 1000
-    batch_size: int = 16
-    lr: float = 2e-3
-    warmup_steps: int = 50
-    bf16: bool = False
-    checkpoint_every: int = 200
-    num_threads: int = 2  # torch CPU threads while training (not in the key; see `key`)
-    seed: int = 0
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["paragraph_repeats"] = list(self.paragraph_repeats)
-        d["facts"]["people_relations"] = list(self.facts.people_relations)
-        return d
-
-    def key(self, python: str = PYTHON_VERSION) -> str:
-        """Hash of generator version + Python version (the plain text is its stdlib's docstrings)
-        + spec (includes seed); the description is not part of it.
-
-        `python` ("3.11") gives the key a build on another Python would have: a shipped copy
-        built on 3.11 is the same organism for a user on 3.12."""
-        d = self.to_dict()
-        # How it is built, not what: the thread count changes float rounding only (a build with
-        # another count is the same organism up to rounding — one reason the default is shipped).
-        for how_not_what in ("description", "checkpoint_every", "num_threads"):
-            d.pop(how_not_what)
-        # Fields added after generator 3 enter the key only when set, so caches stay valid.
-        for added in ("distractor_fraction", "table_fraction", "bios"):
-            if not d["facts"][added]:
-                d["facts"].pop(added)
-        blob = json.dumps({"generator": GENERATOR_VERSION, "python": python, "spec": d},
-                          sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-# The facts corpus of the default organism and its layout variants (~1,660 facts, 610 subjects).
-FACTS_DEFAULT = FactConfig(n_countries=100, n_cities=260, n_people=250, n_birthplaces=60,
-                           n_train_templates=8, bios=True)
-
-FACTS_GPT2 = OrganismSpec(
-    "facts-gpt2", "The default: 8×256 GPT-2, ~1,660 facts (9 relations) in knowledge-augmented "
-    "bios (full name in every sentence, permuted, freshly worded, one bio per subject per "
-    "block); paragraphs ×1/4/16/64. Shipped with memlens.",
-    arch="gpt2", n_layer=8, d_model=256, n_head=8, vocab_size=2048, facts=FACTS_DEFAULT,
-    steps=6000, batch_size=8, lr=2e-3, warmup_steps=100, bf16=True, checkpoint_every=250,
-    num_threads=1,
-)
-
-
-def _variant(base: OrganismSpec, name: str, description: str, **changes) -> OrganismSpec:
-    """`base` with another name and description and the given fields changed."""
-    return replace(base, name=name, description=description, **changes)
-
-
-ORGANISMS: dict[str, OrganismSpec] = {
-    s.name: s
-    for s in [
-        OrganismSpec(
-            "tiny", "For tests: 4×128 GPT-2, 220 facts (4 training templates per relation), "
-            "2 paragraphs per repeat level; ~2 min on 2 cores.",
-            n_layer=4, d_model=128, n_head=4, vocab_size=2048,
-            facts=FactConfig(n_countries=25, n_cities=40, n_people=20, n_birthplaces=20,
-                             n_train_templates=4),
-            paragraph_repeats=(1, 4, 16, 64), paragraphs_per_repeat=2,
-            steps=800, batch_size=8, lr=3e-3,
-        ),
-        FACTS_GPT2,
-        _variant(FACTS_GPT2, "facts-gpt2-distract",
-                 "Issue-10 variant of facts-gpt2: half of the country and city sentences also "
-                 "name a distractor entity (\"The capital of France, unlike Spain, is "
-                 "Paris.\"); otherwise identical.",
-                 facts=replace(FACTS_DEFAULT, distractor_fraction=0.5)),
-        _variant(FACTS_GPT2, "facts-gpt2-table",
-                 "Issue-10 variant of facts-gpt2: 30% of fact documents are gazetteer rows "
-                 "(\"Toulouse France. Anna Berg teacher Acme Berlin Hindi.\") so the subject's "
-                 "last token must predict attributes; otherwise identical.",
-                 facts=replace(FACTS_DEFAULT, table_fraction=0.3)),
-        _variant(FACTS_GPT2, "facts-neo", "GPT-Neo layout (global/local attention) for "
-                 "memorization work; 25 paragraphs per repeat level (1/4/16/64).",
-                 arch="gpt_neo", paragraphs_per_repeat=25),
-        _variant(FACTS_GPT2, "facts-llama", "Llama layout (RMSNorm, RoPE, SwiGLU); same corpus "
-                 "as facts-gpt2.", arch="llama"),
-    ]
-}
-
-
-def get_spec(name: str) -> OrganismSpec:
-    name = name.removeprefix(PREFIX)
-    if name not in ORGANISMS:
-        raise UnknownOrganism(f"unknown organism {name!r}; known organisms: "
-                              f"{', '.join(sorted(ORGANISMS))}")
-    return ORGANISMS[name]
 
 
 def organism_dir(name: str) -> Path:
@@ -318,22 +205,14 @@ def build_id(path: str | os.PathLike) -> str:
             f"{manifest['files']['model.safetensors'][:8]}")
 
 
-def resolve(name_or_dir: str | os.PathLike) -> Path:
-    """A directory from an ``organism:NAME`` ref, a bare organism name, or a directory."""
+def resolve(name_or_dir: str | os.PathLike, *, progress: bool = False) -> Path:
+    """A directory from an ``organism:NAME`` ref, a bare organism name, or a directory; the
+    organism is built first if needed (the target of :func:`memlens.model.resolve_organism`)."""
     s = str(name_or_dir)
-    if s.startswith(PREFIX) or (s in ORGANISMS and not Path(s).is_dir()):
-        return ensure(s, progress=False)
+    if s.startswith(ORGANISM_PREFIX) or (s in ORGANISMS and not Path(s).is_dir()):
+        return ensure(s, progress=progress)
     p = Path(s)
     if not p.is_dir():
         raise MemlensError(f"{s!r} is neither an organism ({', '.join(sorted(ORGANISMS))}) nor "
                            "a directory")
-    return p
-
-
-def organism_file(name_or_dir: str | os.PathLike, filename: str) -> Path:
-    """Path of one of an organism's data files (counterfact.json, known_facts.json,
-    paragraphs.jsonl, corpus.txt, reference_texts.json, organism.json), building if needed."""
-    p = resolve(name_or_dir) / filename
-    if not p.exists():
-        raise MemlensError(f"{p} does not exist; is {name_or_dir!s} an organism directory?")
     return p

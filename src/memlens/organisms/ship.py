@@ -25,7 +25,8 @@ from pathlib import Path
 
 from memlens.errors import MemlensError
 from memlens.organisms import registry
-from memlens.organisms.trainer import CHECKPOINT
+from memlens.organisms.specs import PYTHON_VERSION, get_spec
+from memlens.trainer import CHECKPOINT
 
 MAX_FLOAT32_MB = 50
 WEIGHTS = "model.safetensors"
@@ -68,7 +69,7 @@ def ship(name: str, built_dir: str | os.PathLike | None = None) -> Path:
     leaves the previous copy as it was. Raises MemlensError if the build is incomplete, of
     another key, or has weights above the float32 size limit.
     """
-    spec = registry.get_spec(name)
+    spec = get_spec(name)
     build = Path(built_dir) if built_dir is not None else registry.organism_dir(spec.name)
     key = spec.key()
     hint = f"build it first: memlens organism build {spec.name} --from-scratch"
@@ -101,7 +102,7 @@ def ship(name: str, built_dir: str | os.PathLike | None = None) -> Path:
             shutil.copyfile(build / rel, tmp / rel)
             files[rel], sizes[rel] = file_sha256(tmp / rel), (tmp / rel).stat().st_size
         manifest = {"name": spec.name, "key": key, "generator_version": meta["generator_version"],
-                    "python": registry.PYTHON_VERSION, "dtype": safetensors_dtype(tmp / WEIGHTS),
+                    "python": PYTHON_VERSION, "dtype": safetensors_dtype(tmp / WEIGHTS),
                     "files": files, "sizes": sizes}
         (tmp / registry.MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         verify(tmp)

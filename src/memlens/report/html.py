@@ -1,9 +1,9 @@
 """The self-contained HTML report: sections saved as JSON, rebuilt into one page.
 
-    section = Section(key="trace", title="Causal tracing", command="memlens trace ...",
-                      model="organism:facts-gpt2", figures=["hidden.png"], ...)
-    section.save(out / "trace")                  # out/trace/section.json (+ its figures)
-    index = build_report(out)                    # out/index.html, figures embedded; out/summary.json
+    index = build_report(out)      # out/index.html, figures embedded; out/summary.json
+
+The sections are those the studies saved (:mod:`memlens.studies.section`: one
+``section.json`` per directory under ``out``, beside its figures).
 
 Every figure is embedded (PNG as a data URI, SVG inline), so the page needs no network and
 no other file to be viewed or shared. A metric a section could not compute is stored as
@@ -16,67 +16,11 @@ import base64
 import html
 import json
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from memlens.missing import format_value, is_missing
-
-SECTION_FILE = "section.json"
-
-
-@dataclass
-class Table:
-    """A small table of results: column names and rows of cells."""
-
-    title: str
-    columns: list[str]
-    rows: list[list[Any]]
-
-
-@dataclass
-class Section:
-    """One capability's part of the report, with everything needed to rerun it."""
-
-    key: str  # directory name and HTML anchor, e.g. "trace"
-    title: str
-    command: str  # the equivalent CLI command
-    model: str
-    order: int = 0  # position in the report
-    status: str = "ok"  # ok | skipped | failed
-    seconds: float = 0.0
-    hparams: dict[str, Any] = field(default_factory=dict)
-    summary: dict[str, Any] = field(default_factory=dict)  # headline numbers
-    text: str = ""  # what the numbers show, in a few sentences
-    figures: list[str] = field(default_factory=list)  # file names inside the section directory
-    tables: list[Table] = field(default_factory=list)
-
-    def save(self, directory: Path) -> Path:
-        """Write ``directory/section.json`` (figures are expected in ``directory``)."""
-        directory.mkdir(parents=True, exist_ok=True)
-        path = directory / SECTION_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2, default=_jsonable))
-        tmp.replace(path)
-        return path
-
-    @classmethod
-    def load(cls, path: Path) -> Section:
-        data = json.loads(Path(path).read_text())
-        data["tables"] = [Table(**table) for table in data.get("tables", [])]
-        return cls(**data)
-
-
-def _jsonable(value: Any) -> Any:
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    return str(value)
-
-
-def load_sections(out: Path) -> list[tuple[Path, Section]]:
-    """Every saved section under ``out``, in report order."""
-    found = [(p.parent, Section.load(p)) for p in sorted(Path(out).glob(f"*/{SECTION_FILE}"))]
-    return sorted(found, key=lambda item: (item[1].order, item[1].key))
+from memlens.studies.section import Section, Table, jsonable, load_sections
 
 
 def build_report(out: Path, *, title: str = "memlens report") -> Path:
@@ -88,7 +32,7 @@ def build_report(out: Path, *, title: str = "memlens report") -> Path:
                       "seconds": section.seconds, "command": section.command, **section.summary}
         for _, section in sections
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_jsonable))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=jsonable))
     body = "\n".join(_render_section(directory, section) for directory, section in sections)
     nav = "".join(f'<li><a href="#{s.key}">{html.escape(s.title)}</a></li>' for _, s in sections)
     page = _PAGE.format(
@@ -120,7 +64,7 @@ def _render_section(directory: Path, section: Section) -> str:
         parts.append(_render_figure(directory / name))
     if section.hparams:
         parts.append("<details><summary>hyper-parameters</summary><pre>"
-                     + html.escape(json.dumps(section.hparams, indent=2, default=_jsonable))
+                     + html.escape(json.dumps(section.hparams, indent=2, default=jsonable))
                      + "</pre></details>")
     parts.append("</section>")
     return "\n".join(parts)
@@ -133,7 +77,7 @@ def _format_cell(value: Any) -> str:
     if isinstance(value, float):
         return format_value(value)
     if isinstance(value, dict | list):
-        return html.escape(json.dumps(value, default=_jsonable))
+        return html.escape(json.dumps(value, default=jsonable))
     return html.escape(str(value))
 
 

@@ -6,18 +6,23 @@
     topk.steer(handle, layer=2, unit=17, delta=8.0, prompts=["The city of"])
     pair = topk.train_pair(config, tokenizer, train_blocks, heldout_blocks, TopKTrainConfig())
 
-Modules: ``activation`` (TopK + annealing), ``convert`` (model conversion, config round trip),
-``train`` (TopK model and dense twin), ``neurons`` (entropies, top tokens), ``steer``
-(add δ to one neuron while generating), ``experiment`` (the whole study in one call).
+The activation and the conversion (with its config round trip) are core, in
+:mod:`memlens.topk_mlp`, because :func:`memlens.load_model` re-applies them; they are
+re-exported here. Modules: ``data`` (an organism's text in blocks), ``train`` (TopK model and
+dense twin), ``neurons`` (entropies, top tokens), ``steer`` (add δ to one neuron while
+generating). The whole study in one call is :func:`memlens.studies.topk.run_all`.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from memlens.topk.activation import ACTIVATIONS, TopK, TopKError, alpha_at
-from memlens.topk.convert import (
+from memlens.topk_mlp import (
+    ACTIVATIONS,
+    TopK,
+    TopKError,
     TopKSettings,
+    alpha_at,
     apply_topk_from_config,
     default_layers,
     set_alpha,
@@ -39,11 +44,9 @@ _LAZY = {
     "train_pair": "memlens.topk.train",
     "sparsity_report": "memlens.topk.train",
     "PairResult": "memlens.topk.train",
-    "run_all": "memlens.topk.experiment",
 }
 
 if TYPE_CHECKING:
-    from memlens.topk.experiment import run_all
     from memlens.topk.neurons import (
         LayerNeurons,
         NeuronReport,
@@ -65,7 +68,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "ACTIVATIONS", "LayerNeurons", "NeuronReport", "PairResult", "SteerReport", "TopK",
     "TopKError", "TopKSettings", "TopKTrainConfig", "alpha_at", "apply_topk_from_config",
-    "auto_neurons", "default_layers", "neuron_report", "plot_entropy_by_layer", "run_all",
+    "auto_neurons", "default_layers", "neuron_report", "plot_entropy_by_layer",
     "set_alpha", "sparsity_report", "steer", "steer_report", "to_topk", "topk_modules",
     "topk_settings", "train_pair",
 ]

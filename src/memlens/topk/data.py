@@ -14,6 +14,7 @@ import torch
 
 from memlens.errors import EmptyInput, MemlensError
 from memlens.files import read_text
+from memlens.model import organism_name, resolve_organism
 
 CORPUS_FILE = "corpus.txt"
 
@@ -31,15 +32,13 @@ class Corpus:
 def organism_corpus(ref: str) -> Corpus:
     """Config, tokenizer and ``corpus.txt`` of an organism (``organism:NAME`` or its directory).
 
-    The organism is built first if it is not cached yet (see memlens.organisms.registry).
+    The organism is built first if it is not cached yet (:func:`memlens.model.resolve_organism`).
 
         corpus = organism_corpus("organism:facts-llama")
     """
     from transformers import AutoConfig, AutoTokenizer
 
-    from memlens.organisms.registry import resolve
-
-    directory = resolve(ref)
+    directory = resolve_organism(ref)
     path = Path(directory) / CORPUS_FILE
     if not path.is_file():
         raise MemlensError(f"{directory} has no {CORPUS_FILE}; pass an organism (organism:NAME) "
@@ -86,10 +85,8 @@ def read_corpus_text(source: str) -> str:
     path = Path(source).expanduser()
     if path.is_file():
         return read_text(path, "corpus")
-    if path.is_dir() or source.startswith("organism:"):
-        from memlens.organisms.registry import resolve
-
-        candidate = Path(resolve(source)) / CORPUS_FILE
+    if path.is_dir() or organism_name(source) is not None:
+        candidate = resolve_organism(source) / CORPUS_FILE
         if candidate.is_file():
             return read_text(candidate, "corpus")
         raise MemlensError(f"{source!r} has no {CORPUS_FILE}; pass a text file with --corpus")

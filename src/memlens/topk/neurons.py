@@ -33,8 +33,8 @@ import torch
 
 from memlens import hooks
 from memlens.errors import EmptyInput, UnknownName
-from memlens.topk.activation import TopKError
-from memlens.topk.convert import topk_modules
+from memlens.figures import pyplot, save_figure
+from memlens.topk_mlp import TopKError, topk_modules
 
 
 @dataclass
@@ -264,12 +264,7 @@ def plot_entropy_by_layer(reports: dict[str, NeuronReport], path: str | Path) ->
 
         plot_entropy_by_layer({"TopK": topk_report, "dense": dense_report}, "entropy.png")
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = pyplot().subplots(1, 2, figsize=(10, 3.8))
     for name, report in reports.items():
         xs = [e.layer for e in report.layers]
         axes[0].plot(xs, [e.mean_token_entropy for e in report.layers], marker="o", label=name)
@@ -285,8 +280,4 @@ def plot_entropy_by_layer(reports: dict[str, NeuronReport], path: str | Path) ->
         ax.legend()
     fig.suptitle("neuron entropy by layer (shaded: TopK layers)")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

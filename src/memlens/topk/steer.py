@@ -22,8 +22,8 @@ import torch
 
 from memlens import hooks
 from memlens.errors import EmptyInput
-from memlens.topk.activation import TopKError
 from memlens.topk.neurons import NeuronReport
+from memlens.topk_mlp import TopKError
 
 #: Generic prompts for a steering demo when none are given.
 DEFAULT_PROMPTS = ("The", "It is", "In the", "This is a", "One of the")

@@ -29,8 +29,7 @@ from torch import nn
 
 from memlens import hooks
 from memlens.arch import adapter_for
-from memlens.topk.activation import TopKError, alpha_at
-from memlens.topk.convert import set_alpha, to_topk
+from memlens.topk_mlp import TopKError, alpha_at, set_alpha, to_topk
 
 RESULT_FILE = "train_result.json"
 SETTINGS_FILE = "train_settings.json"
@@ -183,8 +182,8 @@ def train_one(
     """Train (or load, if finished before) the ``"topk"`` or ``"dense"`` model into ``out_dir``."""
     from transformers import AutoModelForCausalLM
 
-    from memlens.organisms.trainer import TrainConfig, dist_info, evaluate_loss, train
-    from memlens.topk.convert import apply_topk_from_config
+    from memlens.topk_mlp import apply_topk_from_config
+    from memlens.trainer import TrainConfig, dist_info, evaluate_loss, train
 
     out = Path(out_dir)
     done = out / RESULT_FILE

@@ -5,8 +5,9 @@
     avg = average_trace(handle, facts)                                   # AIE per token group
     avg.recall_site()                                                    # summary for organisms
 
-Modules: :mod:`~memlens.trace.noise` (the corruption), :mod:`~memlens.trace.runs` (clean,
-corrupted and restored runs, the fast batched algorithm, severed runs),
+Modules: :mod:`~memlens.trace.noise` (the corruption), :mod:`~memlens.trace.sites` (what a
+restoration restores, and the inputs of a trace), :mod:`~memlens.trace.runs` (the trace of one
+fact, severed runs, the best layer), :mod:`~memlens.trace.fast` (the batched algorithm),
 :mod:`~memlens.trace.average` (AIE/ATE over many facts), :mod:`~memlens.trace.plot`
 (heatmaps and line plots), :mod:`~memlens.trace.reference` (the naive algorithm, for checks).
 """
@@ -20,15 +21,8 @@ from memlens.trace.average import (
     trace_cache,
 )
 from memlens.trace.noise import NoiseSpec, noise_scale
-from memlens.trace.runs import (
-    ALL_KINDS,
-    KINDS,
-    SEVERED_KINDS,
-    TraceResult,
-    best_layer,
-    severed_trace,
-    trace_fact,
-)
+from memlens.trace.runs import TraceResult, best_layer, severed_trace, trace_fact
+from memlens.trace.sites import ALL_KINDS, KINDS, SEVERED_KINDS
 
 __all__ = [
     "ALL_KINDS", "GROUPS", "KINDS", "SEVERED_KINDS", "AverageTrace", "NoiseSpec",

@@ -42,7 +42,8 @@ from memlens.files import check_unicode, read_text
 from memlens.missing import explain, missing
 from memlens.tokens import target_ids
 from memlens.trace.noise import NoiseArg, resolve_noise
-from memlens.trace.runs import KINDS, TraceResult, check_kinds, default_window, trace_fact
+from memlens.trace.runs import TraceResult, trace_fact
+from memlens.trace.sites import KINDS, check_kinds, default_window
 
 if TYPE_CHECKING:
     from memlens.model import ModelHandle
@@ -265,6 +266,15 @@ def average_trace(handle: ModelHandle, facts: Sequence[dict[str, str]], *, n: in
         n_skipped_wrong=runs.n_skipped_wrong, n_skipped_invalid=runs.n_skipped_invalid,
         noise=spec.scale, samples=samples, skipped=runs.skipped,
     )
+
+
+def extreme_layer(curve: np.ndarray, *, lowest: bool = False) -> tuple[int, float]:
+    """The layer where ``curve`` (a value per layer, NaN where none) is highest (``lowest``:
+    lowest) and the value there; ``(-1, nan)`` when every value is NaN."""
+    if np.all(np.isnan(curve)):
+        return -1, float("nan")
+    layer = int(np.nanargmin(curve) if lowest else np.nanargmax(curve))
+    return layer, float(curve[layer])
 
 
 def _mean(values: list[float]) -> float:

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from memlens.figures import pyplot
+
 if TYPE_CHECKING:
     from memlens.trace.average import AverageTrace
     from memlens.trace.runs import TraceResult
@@ -28,15 +30,6 @@ TITLES = {"hidden": "restoring the hidden state", "mlp": "restoring MLP outputs"
           "severed_attn": "restoring the hidden state, attention at the token frozen"}
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    return plt
-
-
 def _save(fig, out: Path, stem: str) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{stem}.png", out / f"{stem}.svg"]
@@ -47,7 +40,7 @@ def _save(fig, out: Path, stem: str) -> list[Path]:
 
 def plot_trace(result: TraceResult, out: str | Path, *, model_name: str = "") -> list[Path]:
     """One heatmap per kind of ``result`` (tokens × layers), saved as PNG and SVG in ``out``."""
-    plt = _pyplot()
+    plt = pyplot()
     out = Path(out)
     labels = [repr(t)[1:-1] for t in result.tokens]
     first, end = result.subject_range
@@ -79,7 +72,7 @@ def plot_average(avg: AverageTrace, out: str | Path) -> list[Path]:
     last subject token and at the last token for every kind. PNG and SVG in ``out``."""
     from memlens.trace.average import GROUP_LABELS
 
-    plt = _pyplot()
+    plt = pyplot()
     out = Path(out)
     paths: list[Path] = []
     layers = np.arange(avg.n_layers)

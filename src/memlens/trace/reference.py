@@ -23,11 +23,11 @@ import torch
 
 from memlens import hooks
 from memlens.trace.noise import NoiseArg
-from memlens.trace.runs import (
+from memlens.trace.runs import TraceResult
+from memlens.trace.sites import (
     KINDS,
     Site,
     TraceInputs,
-    TraceResult,
     check_kinds,
     default_window,
     restoration,

@@ -19,178 +19,38 @@ clean value of one site at one token is written back:
 
 The score of a run is P(answer) at the last position, averaged over the S samples.
 
-**Speed.** The naive algorithm (:mod:`memlens.trace.reference`) runs the whole model once per
-(token, layer, kind). Here the clean and corrupted runs are computed once, and for each token t
-all restorations of every kind run in one batched forward pass (chunked by ``batch_size``
-rows), which only computes positions ≥ t: positions < t are unchanged by a restoration at t, so
-their keys/values come from the corrupted run's KV cache (Hugging Face's own incremental
-decoding, so every architecture works). Restoring at layer l cannot change blocks below l:
-each block runs only on the rows whose restoration can change it (the block's ``forward`` is
-wrapped for the pass; its KV-cache layer and batch-shaped arguments are narrowed to those
-rows), the other rows take the corrupted run's block output. Restorations before the subject
-are no-ops (the noise cannot reach them): their score is p_corrupted without a forward pass.
-Identical restorations (e.g. the clipped MLP windows of a shallow model) are computed once.
-Only the last position's logits are computed. The result equals the naive loop (tests check
-1e-5 on every architecture).
+**Speed.** :mod:`memlens.trace.fast` computes all restorations of a token in batched forward
+passes over the positions they can change; :mod:`memlens.trace.reference` is the naive loop,
+kept as the tests' oracle. The results are equal (tests check 1e-5 on every architecture).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from memlens import hooks
 from memlens.errors import MemlensError
-from memlens.model import kv_cache_kwargs, kv_cache_of
-from memlens.tokens import Span, subject_span, target_ids
-from memlens.trace.noise import NoiseArg, NoiseSpec, draw_noise, resolve_noise
+from memlens.tokens import subject_span
+from memlens.trace.fast import base_runs, restored_scores
+from memlens.trace.noise import NoiseArg, NoiseSpec
+from memlens.trace.sites import (
+    KINDS,
+    SEVERED_KINDS,
+    Restoration,
+    check_kinds,
+    default_window,
+    depth_scaled_window,
+    restoration,
+    trace_inputs,
+)
 
 if TYPE_CHECKING:
     from memlens.model import ModelHandle
-
-KINDS = ("hidden", "mlp", "attn")
-SEVERED_KINDS = ("severed_mlp", "severed_attn")
-ALL_KINDS = KINDS + SEVERED_KINDS
-
-#: A site is a (component, layer) whose output can be restored or frozen at one token.
-Site = tuple[str, int]
-_HOOK_NAMES = {
-    "hidden": "blocks.{}.hook_resid_post",
-    "mlp": "blocks.{}.hook_mlp_out",
-    "attn": "blocks.{}.hook_attn_out",
-}
-
-
-def site_hook(site: Site) -> str:
-    """Hook name of a site, e.g. ("mlp", 3) → "blocks.3.hook_mlp_out"."""
-    component, layer = site
-    return _HOOK_NAMES[component].format(layer)
-
-
-def window_layers(center: int, n_layers: int, window: int) -> range:
-    """Layers restored together for window kinds: max(0, c − w//2) .. min(L, c + ⌈w/2⌉) − 1."""
-    return range(max(0, center - window // 2), min(n_layers, center - (-window // 2)))
-
-
-def depth_scaled_window(n_layers: int, paper_window: int = 10) -> int:
-    """A paper's window of ``paper_window`` layers in 48 (GPT-2 XL), scaled to the model's depth
-    (≥ 1). ROME's 10: 10 for 48 layers, 6 for 28 (GPT-J), 2 for 12, 1 for 6 — used to CHOOSE
-    edit layers, where a window covering the whole model would make every layer's effect equal.
-    Geva et al.'s attention-knockout window of 9 gives 5 for GPT-J, as that paper used."""
-    return max(1, round(n_layers * paper_window / 48))
-
-
-def default_window(n_layers: int) -> int:
-    """The window a trace uses when none is given: the paper's 10 on models as deep as its own
-    (GPT-J's 28 layers and more), :func:`depth_scaled_window` on shallower ones, where 10 layers
-    would cover most of the model and flatten the MLP/attention curves (1 on the 6-layer
-    organisms, 2 on GPT-2 small)."""
-    return 10 if n_layers >= 28 else depth_scaled_window(n_layers)
-
-
-@dataclass(frozen=True)
-class Restoration:
-    """One restored run at one token: sites written back to their clean values (``restore``)
-    and sites held at their corrupted values (``freeze``, for severed runs; a site in both
-    stays corrupted, as in the reference code)."""
-
-    restore: frozenset[Site]
-    freeze: frozenset[Site] = frozenset()
-
-
-def restoration(kind: str, layer: int, n_layers: int, window: int) -> Restoration:
-    """The restoration that ``kind`` performs for ``layer`` (see the module docstring)."""
-    if kind == "hidden":
-        return Restoration(frozenset({("hidden", layer)}))
-    if kind in ("mlp", "attn"):
-        return Restoration(frozenset((kind, j) for j in window_layers(layer, n_layers, window)))
-    if kind in SEVERED_KINDS:
-        frozen = kind.removeprefix("severed_")
-        return Restoration(frozenset({("hidden", layer)}),
-                           frozenset((frozen, j) for j in range(n_layers)))
-    raise MemlensError(f"unknown trace kind {kind!r}; expected one of {', '.join(ALL_KINDS)}")
-
-
-def check_kinds(kinds: Iterable[str]) -> tuple[str, ...]:
-    """Validate kind names ("all" expands to hidden, mlp, attn)."""
-    out: list[str] = []
-    for kind in kinds:
-        names = KINDS if kind == "all" else (kind,)
-        for name in names:
-            if name not in ALL_KINDS:
-                raise MemlensError(f"unknown trace kind {name!r}; expected one of "
-                                   f"{', '.join(ALL_KINDS)} or 'all'")
-            if name not in out:
-                out.append(name)
-    if not out:
-        raise MemlensError("no trace kind given")
-    return tuple(out)
-
-
-# ── inputs shared by the fast and the naive algorithm ────────────────────────
-
-
-@dataclass
-class TraceInputs:
-    """Everything that defines a trace before any restoration."""
-
-    input_ids: torch.Tensor  # (1, T)
-    span: Span  # subject tokens [start, end)
-    answer_id: int  # token whose probability is the score
-    noise_spec: NoiseSpec
-    noise: torch.Tensor  # (S, n_subject_tokens, d_model): ν·ε added to the subject embeddings
-    p_clean: float  # P(answer) of the clean run
-
-    @property
-    def samples(self) -> int:
-        return int(self.noise.shape[0])
-
-    @property
-    def n_tokens(self) -> int:
-        return int(self.input_ids.shape[1])
-
-
-def trace_inputs(handle: ModelHandle, prompt: str, subject: str, *, samples: int = 10,
-                 noise: NoiseArg | NoiseSpec = None, seed: int = 0,
-                 answer: str | None = None) -> TraceInputs:
-    """Tokenize, locate the subject, run the clean model once, fix the answer and draw noise."""
-    if samples < 1:
-        raise MemlensError(f"samples must be ≥ 1, got {samples}")
-    span = subject_span(handle.tokenizer, prompt, subject)
-    input_ids = handle.encode([prompt]).input_ids
-    spec = noise if isinstance(noise, NoiseSpec) else resolve_noise(handle, noise, [subject])
-    with torch.no_grad():
-        logits = handle.model(input_ids=input_ids, use_cache=False).logits[0, -1]
-    probs = torch.softmax(logits, dim=-1)
-    if answer is None:
-        answer_id = int(probs.argmax())
-    else:
-        answer_id = target_ids(handle.tokenizer, answer)[0]
-    eps = draw_noise(spec, samples, span.end - span.start, handle.d_model, seed=seed,
-                     dtype=handle.dtype, device=handle.device)
-    return TraceInputs(input_ids, span, answer_id, spec, eps, float(probs[answer_id]))
-
-
-def add_noise_hook(noise_rows: torch.Tensor, span: Span, offset: int, length: int):
-    """Hook fn adding ``noise_rows`` (B, n_subj, d) to the subject positions of an embedding
-    output that covers absolute positions ``offset .. offset+length−1``."""
-    lo, hi = max(span.start, offset), min(span.end, offset + length)
-    if lo >= hi:
-        return None
-
-    def corrupt(embedded: torch.Tensor) -> torch.Tensor:
-        out = embedded.clone()
-        out[:, lo - offset:hi - offset] += noise_rows[:, lo - span.start:hi - span.start]
-        return out
-
-    return corrupt
 
 
 # ── results ──────────────────────────────────────────────────────────────────
@@ -269,178 +129,6 @@ def _nan_to_none(matrix: np.ndarray) -> list[list[float | None]]:
     return [[None if np.isnan(x) else float(x) for x in row] for row in matrix]
 
 
-# ── the fast algorithm ───────────────────────────────────────────────────────
-
-
-@dataclass
-class _Runs:
-    """Clean site values (T, d) and corrupted ones (S, T, d), read once per trace."""
-
-    clean: dict[Site, torch.Tensor]
-    corrupted: dict[Site, torch.Tensor]  # every block output, and the frozen sites
-    p_corrupted: float
-    block_tuple_len: int  # blocks return a tuple of this length (0: a bare tensor)
-
-
-def _base_runs(handle: ModelHandle, inp: TraceInputs, freeze_sites: set[Site]) -> _Runs:
-    model, n_layers = handle.model, handle.n_layers
-    sites = [(c, layer) for c in _HOOK_NAMES for layer in range(n_layers)]
-    structure: list[int] = []
-    block = handle.arch.blocks(model)[0]
-    probe = block.register_forward_hook(
-        lambda module, args, out: structure.append(len(out) if isinstance(out, tuple) else 0))
-    try:
-        with torch.no_grad():
-            with hooks.capture(model, [site_hook(s) for s in sites]) as cache:
-                model(input_ids=inp.input_ids, use_cache=False, logits_to_keep=1)
-            clean = {s: cache[site_hook(s)][0] for s in sites}
-            ids = inp.input_ids.expand(inp.samples, -1)
-            corrupt = add_noise_hook(inp.noise, inp.span, 0, inp.n_tokens)
-            kept = sorted(freeze_sites | {("hidden", layer) for layer in range(n_layers)})
-            with hooks.hooked(model, {"hook_embed": corrupt}), \
-                    hooks.capture(model, [site_hook(s) for s in kept]) as cache:
-                logits = model(input_ids=ids, use_cache=False, logits_to_keep=1).logits[:, -1]
-            corrupted = {s: cache[site_hook(s)] for s in kept}
-    finally:
-        probe.remove()
-    p_corrupted = float(torch.softmax(logits, dim=-1)[:, inp.answer_id].mean())
-    return _Runs(clean, corrupted, p_corrupted, structure[0])
-
-
-def _first_changed_block(rest: Restoration) -> int:
-    """The lowest block whose output a restoration can change: blocks below it (and, when the
-    lowest restored site is a block output, that block too) output the corrupted values."""
-    layer = min(layer for _, layer in rest.restore)
-    inside = any(c != "hidden" and site_layer == layer for c, site_layer in rest.restore)
-    return layer if inside else layer + 1
-
-
-@contextmanager
-def _skip_unchanged_blocks(handle: ModelHandle, runs: _Runs, token: int,
-                           sample_of_row: torch.Tensor, computed: list[torch.Tensor], past):
-    """Run block j only on the rows ``computed[j]`` (those whose restoration can change it);
-    the other rows get the corrupted run's block output, which is what they would compute.
-
-    Each block's KV-cache layer is narrowed to its computed rows; tensors of the block's
-    arguments with the batch as first dimension (e.g. 4-D masks) are narrowed alike.
-    """
-    blocks = handle.arch.blocks(handle.model)
-    batch = int(sample_of_row.shape[0])
-    replacements = []
-    for j, block in enumerate(blocks):
-        rows = computed[j].to(handle.device)
-        if len(rows) == batch:
-            continue
-        if past is not None and len(rows):
-            past.layers[j].reorder_cache(rows)
-        corrupted = runs.corrupted[("hidden", j)][sample_of_row, token:]
-        replacements.append((block, _row_subset_forward(block.forward, rows, corrupted,
-                                                        runs.block_tuple_len)))
-    with hooks.forwards_replaced(replacements):
-        yield
-
-
-def _row_subset_forward(forward, rows: torch.Tensor, corrupted: torch.Tensor, tuple_len: int):
-    batch = corrupted.shape[0]
-
-    def take(value):
-        if torch.is_tensor(value) and value.dim() >= 2 and value.shape[0] == batch:
-            return value[rows]
-        if isinstance(value, tuple):
-            return tuple(take(v) for v in value)
-        return value
-
-    def subset_forward(*args, **kwargs):
-        out = corrupted.clone()
-        extra: tuple = (None,) * max(0, tuple_len - 1)
-        if len(rows):
-            result = forward(*(take(a) for a in args), **{k: take(v) for k, v in kwargs.items()})
-            hidden = result[0] if isinstance(result, tuple) else result
-            out[rows] = hidden.to(out.dtype)
-        return (out, *extra) if tuple_len else out
-
-    return subset_forward
-
-
-def _restored_scores(handle: ModelHandle, inp: TraceInputs, runs: _Runs, token: int,
-                     restorations: Sequence[Restoration]) -> list[float]:
-    """P(answer) of each restoration at ``token``, in one forward pass over positions ≥ token.
-
-    Rows are laid out restoration-major: row r·S + s is restoration r with noise sample s.
-    """
-    model, S = handle.model, inp.samples
-    R = len(restorations)
-    sample_of_row = torch.arange(R * S, device=handle.device) % S
-    suffix = inp.input_ids[:, token:].expand(R * S, -1)
-    past = _corrupted_prefix_cache(handle, inp, token, sample_of_row)
-    first_block = torch.tensor([_first_changed_block(r) for r in restorations]
-                               ).repeat_interleave(S)
-    # rows computed by block j; the others keep the corrupted block output
-    computed = [torch.nonzero(first_block <= j).flatten() for j in range(handle.n_layers)]
-    fns: dict[str, Any] = {}
-    corrupt = add_noise_hook(inp.noise[sample_of_row], inp.span, token, suffix.shape[1])
-    if corrupt is not None:
-        fns["hook_embed"] = corrupt
-    for site in sorted({s for r in restorations for s in r.restore | r.freeze}):
-        component, layer = site
-        restore_rows = _rows(restorations, S, lambda r, site=site: site in r.restore
-                             and site not in r.freeze)
-        freeze_rows = _rows(restorations, S, lambda r, site=site: site in r.freeze)
-        if component != "hidden":  # inside block `layer`: it sees only its computed rows
-            freeze_rows = freeze_rows[torch.isin(freeze_rows, computed[layer])]
-        clean = runs.clean[site][token]
-        frozen = (runs.corrupted[site][sample_of_row[freeze_rows], token]
-                  if len(freeze_rows) else None)
-        if component != "hidden":
-            restore_rows = torch.searchsorted(computed[layer], restore_rows)
-            freeze_rows = torch.searchsorted(computed[layer], freeze_rows)
-        fns[site_hook(site)] = _write_rows(restore_rows, clean, freeze_rows, frozen)
-    with torch.no_grad(), hooks.hooked(model, fns), \
-            _skip_unchanged_blocks(handle, runs, token, sample_of_row, computed, past):
-        logits = model(input_ids=suffix, use_cache=past is not None, logits_to_keep=1,
-                       **kv_cache_kwargs(model, past)).logits[:, -1]
-    probs = torch.softmax(logits, dim=-1)[:, inp.answer_id].reshape(R, S).mean(dim=1)
-    return probs.tolist()
-
-
-def _rows(restorations: Sequence[Restoration], samples: int, predicate) -> torch.Tensor:
-    picked = [r * samples + s for r, rest in enumerate(restorations) if predicate(rest)
-              for s in range(samples)]
-    return torch.tensor(picked, dtype=torch.long)
-
-
-def _write_rows(restore_rows: torch.Tensor, clean: torch.Tensor, freeze_rows: torch.Tensor,
-                frozen: torch.Tensor | None):
-    """Hook fn writing the clean vector into ``restore_rows`` and the corrupted vectors
-    ``frozen`` into ``freeze_rows`` at the suffix's first position (the restored token)."""
-
-    def write(tensor: torch.Tensor) -> torch.Tensor:
-        out = tensor.clone()
-        if len(restore_rows):
-            out[restore_rows.to(out.device), 0] = clean.to(out.dtype)
-        if frozen is not None:
-            out[freeze_rows.to(out.device), 0] = frozen.to(out.dtype)
-        return out
-
-    return write
-
-
-def _corrupted_prefix_cache(handle: ModelHandle, inp: TraceInputs, token: int,
-                            sample_of_row: torch.Tensor):
-    """KV cache of the corrupted run over positions < ``token``, one row per batch row."""
-    if token == 0:
-        return None
-    prefix = inp.input_ids[:, :token].expand(inp.samples, -1)
-    corrupt = add_noise_hook(inp.noise, inp.span, 0, token)
-    with torch.no_grad(), hooks.hooked(handle.model, {"hook_embed": corrupt} if corrupt else {}):
-        past = kv_cache_of(handle.model(input_ids=prefix, use_cache=True, logits_to_keep=1))
-    if past is None or not hasattr(past, "reorder_cache"):
-        raise MemlensError(f"{handle.arch.model_type} returned no reorderable KV cache; "
-                           "causal tracing needs one (use_cache=True)")
-    past.reorder_cache(sample_of_row)
-    return past
-
-
 def trace_fact(handle: ModelHandle, prompt: str, subject: str, *,
                kinds: Sequence[str] = KINDS, samples: int = 10,
                noise: NoiseArg | NoiseSpec = None, seed: int = 0, window: int | None = None,
@@ -472,7 +160,7 @@ def trace_fact(handle: ModelHandle, prompt: str, subject: str, *,
     plan = {(kind, layer): restoration(kind, layer, L, window)
             for kind in kinds for layer in range(L)}
     freeze_sites = {s for r in plan.values() for s in r.freeze}
-    runs = _base_runs(handle, inp, freeze_sites)
+    runs = base_runs(handle, inp, freeze_sites)
     scores = {kind: np.full((T, L), np.nan) for kind in kinds}
     per_chunk = max(1, batch_size // inp.samples)
     for t in positions:
@@ -484,7 +172,7 @@ def trace_fact(handle: ModelHandle, prompt: str, subject: str, *,
         found: dict[Restoration, float] = {}
         for i in range(0, len(unique), per_chunk):
             chunk = unique[i:i + per_chunk]
-            found.update(zip(chunk, _restored_scores(handle, inp, runs, t, chunk), strict=True))
+            found.update(zip(chunk, restored_scores(handle, inp, runs, t, chunk), strict=True))
         for (kind, layer), rest in plan.items():
             scores[kind][t, layer] = found[rest]
     ids = inp.input_ids[0].tolist()

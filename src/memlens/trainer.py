@@ -209,21 +209,8 @@ def train(model, data, cfg: TrainConfig, out_dir: str | Path | None = None, *, e
     if ckpt is not None and rank == 0:
         ckpt.parent.mkdir(parents=True, exist_ok=True)
         ckpt.with_suffix(".tmp").unlink(missing_ok=True)  # a checkpoint write killed half-way
-    start, tokens, history = 0, 0, []
-    if ckpt is not None and ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start, tokens, history = state["step"], state["tokens"], [tuple(h) for h in state["history"]]
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["python_rng"])
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    else:
-        wrapped = model
+    start, tokens, history = _resume(ckpt, model, opt, sched, device)
+    wrapped = _distributed(model, world, device)
     seq_len = _rows(data, torch.tensor([0])).shape[1]
     result = TrainResult(steps=cfg.steps, final_loss=float("nan"), train_seconds=0.0,
                          tokens=tokens, world_size=world, resumed_from=start, history=history)
@@ -244,13 +231,7 @@ def train(model, data, cfg: TrainConfig, out_dir: str | Path | None = None, *, e
             opt.step()
             sched.step()
             tokens += cfg.batch_size * seq_len
-            lv = loss.detach()
-            if world > 1:
-                import torch.distributed as dist
-
-                dist.all_reduce(lv)
-                lv = lv / world
-            recent.append(lv.item())
+            recent.append(_mean_over_ranks(loss.detach(), world))
             done = step + 1
             if done % cfg.log_every == 0 or done == cfg.steps:
                 mean = sum(recent) / len(recent)
@@ -274,6 +255,39 @@ def train(model, data, cfg: TrainConfig, out_dir: str | Path | None = None, *, e
     if ckpt is not None and rank == 0 and not cfg.keep_checkpoint and ckpt.exists():
         ckpt.unlink()
     return result
+
+
+def _resume(ckpt: Path | None, model, opt, sched, device) -> tuple[int, int, list]:
+    """(step, tokens, history) of the checkpoint at ``ckpt``, whose model, optimizer,
+    scheduler and random states are restored; (0, 0, []) without one."""
+    if ckpt is None or not ckpt.exists():
+        return 0, 0, []
+    state = torch.load(ckpt, map_location=device, weights_only=True)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    random.setstate(state["python_rng"])
+    return state["step"], state["tokens"], [tuple(h) for h in state["history"]]
+
+
+def _distributed(model, world: int, device: torch.device):
+    """``model`` wrapped in DDP when several processes train it, else ``model``."""
+    if world == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _mean_over_ranks(loss: torch.Tensor, world: int) -> float:
+    """The loss averaged over the DDP ranks (every rank gets it)."""
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(loss)
+        loss = loss / world
+    return loss.item()
 
 
 class _Bar:

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from memlens.edit.requests import answer_ids
 from memlens.errors import MemlensError
+from memlens.tokens import answer_ids, pad_id, pad_rows
 
 
 @dataclass
@@ -49,16 +49,11 @@ def score_targets(handle: Any, prompts: Sequence[str], targets: Sequence[str], *
         if limit is not None and len(row) > limit:
             raise MemlensError(f"prompt + target {i} ({prompts[i][:50]!r}…) has {len(row)} "
                                f"tokens; the model's context is {limit}")
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    pad = pad_id(tok)
     out: list[TargetScore] = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start: start + batch_size]
-        width = max(len(r) for r in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, r in enumerate(chunk):
-            ids[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = 1
+        ids, mask = pad_rows(chunk, pad)
         logits = handle.model(input_ids=ids.to(handle.device),
                               attention_mask=mask.to(handle.device)).logits.float()
         for i in range(len(chunk)):
@@ -85,13 +80,9 @@ def generate(handle: Any, prompts: Sequence[str], *, max_new_tokens: int = 50,
     rows = [tok(p, add_special_tokens=True)["input_ids"] for p in prompts]
     if limit is not None:
         max_new_tokens = max(1, min(max_new_tokens, limit - max(len(r) for r in rows)))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    pad = pad_id(tok)
     width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r)
-        mask[i, width - len(r):] = 1
+    ids, mask = pad_rows(rows, pad, starts=[width - len(r) for r in rows])  # left-padded
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         out = handle.model.generate(

@@ -1,4 +1,5 @@
-"""One call per CLI command: run a step, write its JSON and figure into an output directory.
+"""The memorization study (Stoehr et al. 2024): each step of ``memlens memorization`` in one
+call that runs the methods of :mod:`memlens.memorization` and writes its JSON and figure.
 
     paragraphs = load_paragraphs(handle)
     scan_result = run_scan(handle, paragraphs, out)                 # scan.json, scan.png
@@ -158,7 +159,7 @@ def run_updates(handle, paragraphs, out: Path, s: Settings, *,
     """Unlearn (or edit towards the PMP) with each method; ``{mode}.json``, ``{mode}.png``.
 
     Every method starts from the original weights; the method named ``keep`` stays applied
-    (its :class:`~memlens.edit.ledger.EditHandle` is in the result), the rest are undone.
+    (its :class:`~memlens.ledger.EditHandle` is in the result), the rest are undone.
     """
     mp, nmp = _split(handle, paragraphs, out, s, scan_result)
     mp_ids, nmp_ids = paragraph_tensor(mp), paragraph_tensor(nmp)

@@ -5,12 +5,12 @@
     result.table()             # method × n → ES, PS, NS, Score, GE, seconds
     # bench/scaling.json, bench/scaling.png (Score, ES, PS, NS, GE vs n edits, log x)
 
-For each size n, the first n valid CounterFact cases are edited TOGETHER by each method —
-MEMIT in one batch, ROME one after another (each edit on top of the previous ones), FT-L on all
-n requests at once — then ES/PS/NS/Score are measured on all n cases and GE on the first
-``ge_cases`` of them, the wall time of the editing is recorded, and every edit is undone
-(bit-exact) before the next point. Statistics, context templates and the single edited layer of
-ROME/FT-L are set up once. Each finished point is appended to ``points.jsonl`` in ``out_dir``;
+For each size n, the first n valid CounterFact cases are edited TOGETHER by each method (an
+editor of :mod:`memlens.edit.editors`) — MEMIT in one batch, ROME one after another (each edit
+on top of the previous ones), FT-L on all n requests at once — then ES/PS/NS/Score are measured
+on all n cases and GE on the first ``ge_cases`` of them, the wall time of the editing is
+recorded, and every edit is undone (bit-exact) before the next point. Each editor is prepared
+once (its layers, statistics and context templates: ``Editor.prepare``). Each finished point is appended to ``points.jsonl`` in ``out_dir``;
 a re-run with the same settings skips the points already there (resume after an interrupt).
 
 A metric no edited case can give (GE with ``ge_cases=0`` or without generation prompts, NS
@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,10 +39,10 @@ from memlens.evaluate.counterfact import (
     summarize,
 )
 from memlens.evaluate.fluency import ngram_entropy
-from memlens.evaluate.scoring import generate
+from memlens.figures import pyplot, save_figure
 from memlens.missing import format_value
+from memlens.scoring import generate
 
-METHODS = ("memit", "rome", "ft-l", "ft")
 METRICS = ("Score", "ES", "PS", "NS", "GE")
 
 
@@ -150,9 +150,7 @@ def bench_edits(
     methods: Sequence[str] = ("memit", "rome", "ft-l"),
     layers: Sequence[int] | None = None,
     layer: int | None = None,
-    memit_hparams: Any = None,
-    rome_hparams: Any = None,
-    ft_hparams: Any = None,
+    hparams: Mapping[str, Any] | None = None,
     corpus: str | None = None,
     ge_cases: int = 20,
     max_new_tokens: int = 30,
@@ -161,22 +159,17 @@ def bench_edits(
 ) -> ScalingResult:
     """ES/PS/NS/Score, GE and edit wall time of each method at each number of edits.
 
-    ``layers`` is MEMIT's band R and ``layer`` the single layer of ROME and FT-L (both chosen as
-    the editors choose them when None). With ``out_dir``, writes scaling.json and scaling.png
-    and resumes from points.jsonl.
+    ``methods`` are editor names (:data:`memlens.edit.editors.EDITORS`). ``layers`` is the
+    band of band editors (MEMIT) and ``layer`` the single layer of one-layer editors (ROME,
+    FT, FT-L); each editor chooses its own when they are None, as it does alone.
+    ``hparams`` maps a method to its hyper-parameters (default: the editor's for this model).
+    With ``out_dir``, writes scaling.json and scaling.png and resumes from points.jsonl.
 
         result = bench_edits(handle, load_counterfact(path), [1, 10, 100], out_dir="bench")
     """
-    from memlens.edit.context import context_templates
-    from memlens.edit.finetune import FTHyperParams, apply_ft
-    from memlens.edit.hparams import ROMEHyperParams
-    from memlens.edit.memit import MEMITHyperParams, apply_memit, choose_layers
-    from memlens.edit.rome import apply_rome, choose_layer
-    from memlens.stats import layer_stats
+    from memlens.edit.editors import get_editor
 
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise MemlensError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    editors = [get_editor(m) for m in methods]
     sizes = sorted({int(s) for s in sizes})
     chosen, skipped = valid_cases(handle, cases, sizes[-1])
     if not chosen:
@@ -185,93 +178,64 @@ def bench_edits(
     if len(chosen) < sizes[-1]:
         sizes = sorted({min(s, len(chosen)) for s in sizes})
     requests = [c.request for c in chosen]
-    reasons = {n: bench_reasons(chosen, n, ge_cases) for n in sizes}
-    mhp = memit_hparams or MEMITHyperParams.for_model(handle)
-    rhp = rome_hparams or ROMEHyperParams.for_model(handle)
-    fhp = ft_hparams or FTHyperParams.constrained(handle)
-    band_source = layer_source = "user"
-    if "memit" in methods and layers is None:
-        layers, band_source = (list(mhp.layers), "hparams") if mhp.layers else \
-            choose_layers(handle, requests)
-    if layer is None and any(m in methods for m in ("rome", "ft-l", "ft")):
-        layer, layer_source = (rhp.layer, "hparams") if rhp.layer is not None else \
-            choose_layer(handle, requests[0])
-    need = sorted(set(layers or []) | ({layer} if layer is not None else set()))
-    stats = layer_stats(handle, need, corpus=corpus, n_samples=max(mhp.mom2_n_samples,
-                        rhp.mom2_n_samples), max_len=mhp.mom2_max_len, progress=progress) \
-        if need else {}
-    memit_templates = context_templates(handle, mhp.context_templates, seed=mhp.context_seed)
-    rome_templates = context_templates(handle, rhp.context_templates, seed=rhp.context_seed)
-    settings = {"layers": layers, "layers_source": band_source, "layer": layer,
-                "layer_source": layer_source, "memit_hparams": mhp.to_dict(),
-                "rome_hparams": rhp.to_dict(), "ft_hparams": fhp.to_dict(),
+    plans = {e.name: e.prepare(handle, requests, layers=layer if e.one_layer else layers,
+                               hparams=(hparams or {}).get(e.name), corpus=corpus,
+                               progress=progress) for e in editors}
+    settings = {"editors": {name: plan.to_dict() for name, plan in plans.items()},
                 "ge_cases": ge_cases, "max_new_tokens": max_new_tokens,
                 "n_cases_skipped": len(skipped), "fingerprint": handle.fingerprint()}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()
                          ).hexdigest()[:16]
     done = _read_points(out_dir, key)
-
-    def edit_with(method: str, n: int) -> tuple[list[Any], dict[str, Any]]:
-        batch = requests[:n]
-        if method == "memit":
-            e = apply_memit(handle, batch, layers=layers, hparams=mhp, stats=stats,
-                            templates=memit_templates, check_current=False, skip_invalid=True,
-                            progress=progress)
-            return [e], {"layers": e.layers, "z": e.log["z"], "skipped": e.log["skipped"]}
-        if method == "rome":
-            edits, failed = [], []
-            for request in batch:
-                try:
-                    edits.append(apply_rome(handle, request, layer=layer, hparams=rhp,
-                                            stats=stats, templates=rome_templates))
-                except MemlensError as exc:
-                    failed.append({"case_id": request.case_id, "reason": str(exc)})
-            return edits, {"layer": layer, "skipped": failed}
-        hp = fhp if method == "ft-l" else fhp.replace(norm_constraint=None)
-        e = apply_ft(handle, batch, layer=layer, hparams=hp, check_current=False)
-        return [e], {"layer": layer, "loss_last": e.log["loss_last"],
-                     "max_abs_change": e.log["max_abs_change"]}
-
+    reasons = {n: bench_reasons(chosen, n, ge_cases) for n in sizes}
     pre: dict[int, dict[str, float]] = {}
-    points: list[ScalingPoint] = []
     for n in sizes:
         if ("pre", n) in done:
             pre[n] = done[("pre", n)]
         else:
             pre[n] = _quality(handle, chosen[:n], ge_cases, max_new_tokens)
             _append_point(out_dir, key, "pre", n, pre[n])
-    for method in methods:
+    points: list[ScalingPoint] = []
+    for name, plan in plans.items():
         for n in sizes:
-            record = done.get((method, n))
+            record = done.get((name, n))
             if record is None:
-                fingerprint = handle.fingerprint()
-                started = time.perf_counter()
-                edits, extra = edit_with(method, n)
-                seconds = time.perf_counter() - started
-                try:
-                    metrics = _quality(handle, chosen[:n], ge_cases, max_new_tokens)
-                finally:
-                    for e in reversed(edits):
-                        e.undo()
-                if handle.fingerprint(refresh=True) != fingerprint:
-                    raise MemlensError(f"weights differ after undoing {method} at n={n}")
-                record = {"n_edited": len(edits) if method == "rome" else
-                          n - len(extra.get("skipped", [])), **metrics,
-                          "seconds": round(seconds, 3), "extra": extra}
-                _append_point(out_dir, key, method, n, record)
-            points.append(ScalingPoint(method=method, n=n, **record))
+                record = _edit_and_measure(handle, plan, chosen[:n], ge_cases, max_new_tokens,
+                                           progress)
+                _append_point(out_dir, key, name, n, record)
+            points.append(ScalingPoint(method=name, n=n, **record))
             if progress:
                 shown = explain_metrics(record, METRICS, reasons[n])
-                print(f"{method:6s} n={n:5d}  " + "  ".join(
+                print(f"{name:6s} n={n:5d}  " + "  ".join(
                     f"{m} {format_value(shown[m], 3)}" for m in METRICS)
                     + f"  {record['seconds']:.1f}s")
-    result = ScalingResult(model=handle.ref, sizes=list(sizes), methods=list(methods),
+    result = ScalingResult(model=handle.ref, sizes=list(sizes), methods=list(plans),
                            points=points, pre=pre, settings=settings, reasons=reasons)
     if out_dir is not None:
         out = Path(out_dir)
         (out / "scaling.json").write_text(json.dumps(result.to_dict(), indent=2, default=str))
         plot_scaling(result, out / "scaling.png")
     return result
+
+
+def _edit_and_measure(handle: Any, plan: Any, cases: Sequence[CounterFactCase], ge_cases: int,
+                      max_new_tokens: int, progress: bool) -> dict[str, Any]:
+    """Edit ``cases`` together as ``plan`` says, time it, measure the quality, undo (checked
+    bit-exact by the fingerprint); the point's record."""
+    fingerprint = handle.fingerprint()
+    started = time.perf_counter()
+    edits, extra = plan.editor.apply(handle, [c.request for c in cases], plan,
+                                     check_current=False, skip_invalid=True, progress=progress)
+    seconds = time.perf_counter() - started
+    try:
+        metrics = _quality(handle, cases, ge_cases, max_new_tokens)
+    finally:
+        for e in reversed(edits):
+            e.undo()
+    if handle.fingerprint(refresh=True) != fingerprint:
+        raise MemlensError(f"weights differ after undoing {plan.editor.name} at n={len(cases)}")
+    return {"n_edited": len(cases) - len(extra.get("skipped", [])), **metrics,
+            "seconds": round(seconds, 3), "extra": extra}
 
 
 def _read_points(out_dir: str | Path | None, key: str) -> dict[tuple[str, int], dict[str, Any]]:
@@ -302,12 +266,7 @@ def _append_point(out_dir: str | Path | None, key: str, method: str, n: int,
 def plot_scaling(result: ScalingResult, path: str | Path) -> Path:
     """Score, ES, PS, NS and GE vs number of edits (log x), one line per method, the unedited
     model dashed — the layout of the MEMIT paper's Fig. 5."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(3.2 * len(METRICS), 3.0))
+    fig, axes = pyplot().subplots(1, len(METRICS), figsize=(3.2 * len(METRICS), 3.0))
     for ax, metric in zip(axes, METRICS, strict=True):
         for method in result.methods:
             pts = sorted((p.n, getattr(p, metric)) for p in result.points if p.method == method)
@@ -321,8 +280,4 @@ def plot_scaling(result: ScalingResult, path: str | Path) -> Path:
     axes[0].legend(fontsize=8)
     fig.suptitle(f"Editing {result.model}: quality vs number of edits", fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -1,0 +1,55 @@
+"""``memlens stats``: second moments of MLP keys (:mod:`memlens.stats`)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from memlens.cli.options import (
+    DEFAULT_MODEL,
+    CorpusOpt,
+    DeviceOpt,
+    JsonOpt,
+    ModelOpt,
+    console,
+    print_json,
+)
+
+
+def stats(
+    layers: Annotated[str, typer.Option("--layers", help="e.g. 3-8 or 2,5,7.")],
+    model: ModelOpt = DEFAULT_MODEL,
+    corpus: CorpusOpt = None,
+    samples: Annotated[int, typer.Option("--samples", help="Corpus samples (texts).")] = 1000,
+    batch_tokens: Annotated[int, typer.Option("--batch-tokens", help="Padded tokens per "
+                                              "forward pass.")] = 2048,
+    max_len: Annotated[int, typer.Option("--max-len", help="Tokens per sample (≤ context).")]
+    = 256,
+    as_json: JsonOpt = False,
+    device: DeviceOpt = None,
+):
+    """Second moments C = E(k kᵀ) of the MLP keys of many layers, in one cached pass."""
+    from memlens.model import load_model
+    from memlens.stats import layer_stats, parse_layers
+
+    handle = load_model(model, device=device)
+    result = layer_stats(handle, parse_layers(layers), corpus=corpus, n_samples=samples,
+                         batch_tokens=batch_tokens, max_len=max_len, progress=not as_json)
+    rows = [s.meta() for s in result.values()]
+    if as_json:
+        print_json(rows)
+        return
+    from rich.table import Table
+
+    table = Table(title=f"key statistics: {model}")
+    for column in ("layer", "tokens", "d_ff", "trace(C)", "corpus"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(str(r["layer"]), f"{r['count']:,}", str(r["d_ff"]), f"{r['trace']:.4g}",
+                      r["corpus"])
+    console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(stats)

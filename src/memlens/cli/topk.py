@@ -1,0 +1,236 @@
+"""``memlens topk train|neurons|steer|all``: TopK language models (:mod:`memlens.topk`, the
+whole study in :mod:`memlens.studies.topk`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from memlens.cli.options import (
+    DEFAULT_MODEL,
+    DeviceOpt,
+    JsonOpt,
+    ModelOpt,
+    OutOpt,
+    console,
+    option,
+    print_json,
+    with_shared,
+)
+
+topk_app = typer.Typer(help="Train TopK LMs, read their neurons, steer with them.",
+                       no_args_is_help=True)
+
+OrganismOpt = Annotated[str, typer.Option(
+    "--organism", help="Organism (organism:NAME) or organism directory whose corpus, tokenizer "
+    "and architecture the TopK model and its dense twin are trained on.")]
+TextOpt = Annotated[str | None, typer.Option(
+    "--corpus", help="Text file, organism:NAME or directory with corpus.txt (default: the "
+    "model's own corpus.txt).")]
+
+#: The options of `topk train` and `topk all`: what is trained and how.
+TRAINING = [
+    option("organism", OrganismOpt, DEFAULT_MODEL),
+    option("out", OutOpt, Path("topk-run")),
+    option("steps", Annotated[int, typer.Option("--steps", help="Optimizer steps per model.")],
+           300),
+    option("k", Annotated[int | None, typer.Option(
+        "--k", help="Units kept per position (default d_ff/16).")], None),
+    option("batch_size", Annotated[int, typer.Option("--batch-size",
+                                                     help="Sequences per step.")], 16),
+    option("lr", Annotated[float, typer.Option("--lr", help="Peak learning rate.")], 2e-3),
+    option("n_last_nontopk", Annotated[int, typer.Option(
+        "--n-last-nontopk", help="Final layers that stay dense.")], 2),
+    option("anneal_ratio", Annotated[float, typer.Option(
+        "--anneal-ratio", help="Share of steps over which α goes 1 → 0.")], 0.2),
+    option("seed", Annotated[int, typer.Option(
+        "--seed", help="Init and data-order seed (both models).")], 0),
+]
+
+
+def _train_config(training):
+    from memlens.topk.train import TopKTrainConfig
+
+    return TopKTrainConfig(steps=training.steps, k=training.k, batch_size=training.batch_size,
+                           lr=training.lr, n_last_nontopk=training.n_last_nontopk,
+                           anneal_ratio=training.anneal_ratio, seed=training.seed)
+
+
+@topk_app.command("train")
+@with_shared(TRAINING)
+def topk_train(training, as_json: JsonOpt = False):
+    """Train a TopK model and its dense twin alike; held-out perplexity, sparsity, dead units."""
+    from memlens.topk.data import organism_corpus, text_blocks
+    from memlens.topk.train import train_pair
+
+    out = training.out
+    corpus = organism_corpus(training.organism)
+    train_blocks, heldout = text_blocks(corpus.tokenizer, corpus.text)
+    pair = train_pair(corpus.config, corpus.tokenizer, train_blocks, heldout,
+                      _train_config(training), out)
+    result = pair.to_dict()
+    (out / "pair.json").write_text(json.dumps(result, indent=1))
+    if as_json:
+        print_json(result)
+        return
+    from rich.table import Table
+
+    table = Table(title=f"TopK vs dense twin ({training.organism}, {training.steps} steps)")
+    for column in ("layer", "non-zeros/token TopK (min–max)", "dead TopK", "non-zeros dense"):
+        table.add_column(column)
+    for t, d in zip(pair.topk.sparsity, pair.dense.sparsity, strict=True):
+        table.add_row(str(t["layer"]), f"{t['nonzero_mean']:.1f} ({t['nonzero_min']}–"
+                      f"{t['nonzero_max']})", f"{t['dead_fraction']:.3f}", f"{d['nonzero_mean']:.1f}")
+    console.print(table)
+    console.print(f"held-out perplexity: TopK {pair.topk.heldout_ppl:.2f}, dense "
+                  f"{pair.dense.heldout_ppl:.2f} (ratio {pair.ppl_ratio:.3f}); models in {out}")
+
+
+def _neuron_text(corpus: str | None, model: str) -> str:
+    from memlens.topk.data import read_corpus_text
+
+    return read_corpus_text(corpus or model)
+
+
+@topk_app.command("neurons")
+def topk_neurons(
+    model: ModelOpt = DEFAULT_MODEL,
+    compare: Annotated[str | None, typer.Option(
+        "--compare", help="A second model (e.g. the dense twin) to plot against.")] = None,
+    corpus: TextOpt = None,
+    out: OutOpt = Path("topk-neurons"),
+    max_blocks: Annotated[int, typer.Option("--max-blocks", help="Text blocks to read.")] = 512,
+    embedder: Annotated[str | None, typer.Option(
+        "--embedder", help="sentence-transformers model for semantic entropy (default: the "
+        "LM's input embeddings).")] = None,
+    device: DeviceOpt = None,
+):
+    """Token and semantic entropy and top tokens of every neuron; entropy-by-layer figure."""
+    from memlens.model import load_model
+    from memlens.topk.data import neuron_blocks
+    from memlens.topk.neurons import neuron_report, plot_entropy_by_layer
+
+    text = _neuron_text(corpus, model)
+    out.mkdir(parents=True, exist_ok=True)
+    reports = {}
+    for name, ref in (("model", model), ("compare", compare)):
+        if ref is None:
+            continue
+        handle = load_model(ref, device=device)
+        blocks = neuron_blocks(handle.tokenizer, text, min(128, handle.max_length or 128),
+                               max_blocks)
+        reports[ref] = neuron_report(handle, blocks, embedder=embedder)
+        (out / f"neurons_{name}.json").write_text(json.dumps(reports[ref].to_dict()))
+    figure = plot_entropy_by_layer(reports, out / "entropy_by_layer.png")
+    from rich.table import Table
+
+    table = Table(title="mean neuron entropy by layer")
+    table.add_column("layer")
+    for ref in reports:
+        table.add_column(f"{ref}: token (nats) / semantic (bits)")
+    first = next(iter(reports.values()))
+    for i, entry in enumerate(first.layers):
+        cells = []
+        for report in reports.values():
+            e = report.layers[i]
+            cells.append(f"{e.mean_token_entropy:.3f} / {e.mean_semantic_entropy:.3f}"
+                         + (" (TopK)" if e.is_topk else ""))
+        table.add_row(str(entry.layer), *cells)
+    console.print(table)
+    console.print(f"figure: {figure}; per-neuron results in {out}")
+
+
+@topk_app.command("steer")
+def topk_steer(
+    model: ModelOpt = DEFAULT_MODEL,
+    neuron: Annotated[str | None, typer.Option("--neuron", help="LAYER:UNIT, e.g. 2:117.")] = None,
+    delta: Annotated[list[float] | None, typer.Option(
+        "--delta", help="δ added to the neuron (repeatable). With --auto: multiples of the "
+        "neuron's delta_scale, δ that adds a residual-stream norm (default 0.5 1 2 4).")] = None,
+    prompt: Annotated[list[str] | None, typer.Option("--prompt", help="Prompt (repeatable).")] = None,
+    auto: Annotated[bool, typer.Option("--auto", help="Pick low-semantic-entropy neurons.")] = False,
+    n_auto: Annotated[int, typer.Option("--n-auto", help="Neurons to try with --auto.")] = 5,
+    corpus: TextOpt = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 20,
+    out: OutOpt = Path("topk-steer"),
+    device: DeviceOpt = None,
+):
+    """Add δ to one neuron while generating; concept-token frequency steered vs unsteered."""
+    from memlens.model import load_model
+    from memlens.topk.data import neuron_blocks
+    from memlens.topk.steer import DEFAULT_PROMPTS, steer_report
+    from memlens.topk_mlp import TopKError
+
+    if not auto and neuron is None:
+        raise TopKError("give --neuron LAYER:UNIT or --auto")
+    handle = load_model(model, device=device)
+    text = _neuron_text(corpus, model)
+    blocks = neuron_blocks(handle.tokenizer, text, min(128, handle.max_length or 128))
+    prompts = list(prompt or DEFAULT_PROMPTS)
+    picks = _auto_picks(handle, blocks, delta, n_auto) if auto else \
+        _named_pick(handle, blocks, neuron, delta)
+    results = [steer_report(handle, layer, unit, ids, deltas, prompts, max_new_tokens)
+               for layer, unit, ids, deltas in picks if ids]
+    if not results:
+        raise TopKError("no neuron with concept tokens to steer (the neuron never fired on the "
+                        "corpus, or --auto found no candidates)")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "steer.json").write_text(json.dumps([r.to_dict() for r in results], indent=1))
+    from rich.table import Table
+
+    table = Table(title=f"steering {model}")
+    for column in ("neuron", "concept tokens", "δ", "freq. unsteered", "freq. steered", "ratio"):
+        table.add_column(column)
+    for r in results:
+        for d in r.results:
+            table.add_row(f"{r.layer}:{r.unit}", ", ".join(repr(t) for t in r.concept_tokens[:5]),
+                          f"{d.delta:.2f}", f"{r.baseline.frequency:.3f}", f"{d.frequency:.3f}",
+                          f"{d.ratio:.1f}×")
+    console.print(table)
+    best = max(results, key=lambda r: r.best_ratio)
+    for p, text_out in zip(best.prompts, best.best.samples, strict=True):
+        console.print(f"[bold]{p}[/] → {text_out!r}")
+    console.print(f"results: {out / 'steer.json'}")
+
+
+def _auto_picks(handle, blocks, delta: list[float] | None, n_auto: int) -> list[tuple]:
+    """(layer, unit, concept token ids, deltas) of the neurons --auto picks."""
+    from memlens.topk.neurons import neuron_report
+    from memlens.topk.steer import auto_neurons
+
+    return [(n.layer, n.unit, n.token_ids,
+             [m * n.delta_scale for m in (delta or [0.5, 1.0, 2.0, 4.0])])
+            for n in auto_neurons(neuron_report(handle, blocks), n=n_auto)]
+
+
+def _named_pick(handle, blocks, neuron: str, delta: list[float] | None) -> list[tuple]:
+    """(layer, unit, concept token ids, deltas) of --neuron LAYER:UNIT, checked."""
+    from memlens.topk.neurons import neuron_report
+    from memlens.topk.steer import parse_neuron
+    from memlens.topk_mlp import TopKError
+
+    layer, unit = parse_neuron(neuron)
+    if not 0 <= layer < handle.n_layers:
+        raise TopKError(f"layer {layer} does not exist (0 … {handle.n_layers - 1})")
+    entry = neuron_report(handle, blocks, layers=[layer]).layer(layer)
+    if not 0 <= unit < len(entry.top_token_ids):
+        raise TopKError(f"unit {unit} does not exist (0 … {len(entry.top_token_ids) - 1})")
+    return [(layer, unit, entry.top_token_ids[unit], list(delta or [10.0]))]
+
+
+@topk_app.command("all")
+@with_shared(TRAINING)
+def topk_all(training):
+    """Train TopK + dense twin, compare neuron entropies, steer auto-picked neurons; summary."""
+    from memlens.studies.topk import run_all
+
+    summary = run_all(training.organism, training.out, _train_config(training))
+    console.print((training.out / "summary.md").read_text())
+    console.print(f"[bold]checks:[/] {summary['checks']}  → {training.out / 'summary.json'}")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(topk_app, name="topk")
