@@ -17,7 +17,7 @@ from memlens.edit.layers import middle_band
 from memlens.edit.memit import MEMITHyperParams, apply_memit, memit_layer_delta
 from memlens.edit.optimize import DeltaObjective, optimize_deltas
 from memlens.edit.requests import InvalidRequest, greedy_answer
-from memlens.errors import NumericalError, SubjectNotFound
+from memlens.errors import MemlensError, NumericalError, SubjectNotFound
 from memlens.tokens import answer_ids
 
 REQUESTS = [EditRequest("{} is a city in", "Toulouse", "Japan"),
@@ -76,6 +76,41 @@ def test_batched_z_equals_z_optimised_one_at_a_time(model, request):
     torch.testing.assert_close(batched.delta, alone.delta, atol=1e-4, rtol=1e-3)
     assert batched.delta.abs().max() > 0
     assert batched.summary()["loss_last"] <= batched.summary()["loss_first"]
+
+
+def test_grouped_requests_share_one_delta_that_serves_every_target(gpt2):
+    """MEMIT-Merge: requests about one subject get one δ, optimised for all their targets;
+    singleton groups are the ungrouped optimisation, and other groups are unaffected."""
+    handle = gpt2
+    requests = [REQUESTS[0], REQUESTS[1], EditRequest("{} is famous for", "Toulouse", "Apple")]
+    point = "blocks.2.hook_resid_post"
+    h0 = fact_token_reads(handle, requests, ["{}"], "last", {point: "bare"})[point]
+    objective = DeltaObjective(fact_token="subject_last", weight_decay=0.0,
+                               clamp_norm_factor=50.0, steps=6)
+    targets = targets_of(handle, requests)
+    plain = optimize_deltas(handle, point, requests, targets, ["{}"], h0, objective)
+    singles = optimize_deltas(handle, point, requests, targets, ["{}"], h0, objective,
+                              groups=[[0], [1], [2]])
+    assert torch.equal(plain.delta, singles.delta)
+    merged = optimize_deltas(handle, point, requests, targets, ["{}"], h0[[0, 1]], objective,
+                             groups=[[0, 2], [1]])
+    assert merged.delta.shape == (2, h0.shape[1])
+    torch.testing.assert_close(merged.delta[1], plain.delta[1], atol=1e-4, rtol=1e-3)
+    assert merged.prob_after[0] > merged.prob_before[0]
+    with pytest.raises(MemlensError, match="exactly once"):
+        optimize_deltas(handle, point, requests, targets, ["{}"], h0[[0, 1]], objective,
+                        groups=[[0, 1], [1]])
+
+
+def test_memit_merges_requests_about_one_subject(gpt2, corpus):
+    requests = [REQUESTS[0], EditRequest("{} is famous for", "Toulouse", "Apple"), REQUESTS[1]]
+    for merge, n_z in ((True, 2), (False, 3)):
+        hp = RANDOM_HP.replace(merge_same_subject=merge, fact_token="subject_last",
+                               v_num_grad_steps=3)
+        edit = apply_memit(gpt2, requests, layers=[1, 2], hparams=hp, corpus=str(corpus),
+                           check_current=False, progress=False)
+        edit.undo(force=True)
+        assert edit.log["z"]["n"] == n_z
 
 
 @pytest.mark.parametrize("point", ["blocks.1.hook_resid_post", "blocks.2.hook_mlp_out",

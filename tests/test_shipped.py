@@ -228,3 +228,35 @@ def test_default_organism_is_shipped_and_knows_its_facts():
                              n_templates=spec.facts.n_train_templates)
     assert accuracy >= 0.9, (
         f"shipped facts-gpt2 answers {accuracy:.3f} of its sampled facts: {SHIP_HINT}")
+
+
+def test_the_demo_topk_pair_is_shipped_and_unpacks_to_the_trained_models(tmp_path, monkeypatch):
+    """The demo trains no TopK model: the pair for its settings is shipped (float16 weights,
+    sha256 manifest) and unpacks into the cache as float32 models whose held-out perplexity is
+    the one recorded at training (to 1e-3; float16 storage moves it in the 6th digit)."""
+    import math
+
+    from memlens.model import load_model
+    from memlens.studies.demo import DemoConfig
+    from memlens.studies.topk import PAIR_MODELS, SHIPPED_PAIRS, pair_name, shared_models_dir
+    from memlens.topk import TopKTrainConfig
+    from memlens.topk.data import organism_corpus, text_blocks
+    from memlens.topk_mlp import topk_modules
+    from memlens.trainer import evaluate_loss
+
+    config = DemoConfig()
+    cfg = TopKTrainConfig(steps=config.topk_steps)
+    name = pair_name(config.model, cfg)
+    assert (SHIPPED_PAIRS / name).is_dir(), f"no shipped TopK pair {name}"
+    verify(SHIPPED_PAIRS / name)
+    monkeypatch.setenv("MEMLENS_HOME", str(tmp_path / "home"))
+    models = shared_models_dir(config.model, cfg)
+    assert models.is_relative_to(tmp_path)
+    corpus = organism_corpus(config.model)
+    _, heldout = text_blocks(corpus.tokenizer, corpus.text, 128)
+    for model in PAIR_MODELS:
+        handle = load_model(str(models / model), device="cpu")
+        assert all(p.dtype.itemsize == 4 for p in handle.model.parameters())
+        assert bool(list(topk_modules(handle.model))) == (model == "topk")
+        recorded = json.loads((models / model / "train_result.json").read_text())["heldout_ppl"]
+        assert abs(math.exp(evaluate_loss(handle.model, heldout)) / recorded - 1) < 1e-3

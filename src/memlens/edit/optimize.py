@@ -116,6 +116,19 @@ def _fact_rows(tok: Any, request: EditRequest, target: Sequence[int], templates:
     return _Fact(rows, lookups, labels)
 
 
+def _merged(facts: Sequence[_Fact]) -> _Fact:
+    """One fact whose δ serves several requests about the same subject (MEMIT-Merge): their
+    rows and labels side by side, and one KL row (the subject's, the same for all) last."""
+    rows: list[list[int]] = []
+    lookups: list[int] = []
+    labels: list[tuple[int, int, int]] = []
+    for fact in facts:
+        labels.extend((len(rows) + r, pos, t) for r, pos, t in fact.labels)
+        rows.extend(fact.rows[:-1])
+        lookups.extend(fact.lookups[:-1])
+    return _Fact(rows + facts[0].rows[-1:], lookups + facts[0].lookups[-1:], labels)
+
+
 def _chunks(facts: list[_Fact], max_batch_tokens: int, suffix_only: bool) -> list[list[int]]:
     """Fact indices grouped so that rows × widest row ≤ max_batch_tokens, facts taken in order
     of the width a pass pads them to (the suffix from the fact token, or the whole row), so
@@ -153,6 +166,7 @@ def optimize_deltas(
     max_batch_tokens: int = 4096,
     suffix_only: bool = True,
     progress: bool = False,
+    groups: Sequence[Sequence[int]] | None = None,
 ) -> DeltaResult:
     """Optimise δ_i for every request in batches of whole facts (see module docstring).
 
@@ -164,23 +178,32 @@ def optimize_deltas(
     each fact alone (the one-after-another reference loop). ``suffix_only`` runs only what δ
     can change (blocks from the point's up, positions from the fact token on; see
     :class:`SuffixPasses`); ``False`` runs the whole model each step, as the reference does.
+    ``groups`` (lists of request indices, e.g. the requests about one subject) makes each
+    group share one δ that minimises the mean NLL of all its targets' tokens; ``init`` and the
+    result then have one row per group.
 
         z = optimize_deltas(handle, "blocks.3.hook_resid_post", reqs, ids, ["{}"], h0).target
     """
-    n = len(requests)
-    if not (n == len(targets) == init.shape[0]):
-        raise MemlensError(f"{n} requests, {len(targets)} targets and {init.shape[0]} initial "
-                           "vectors: they must match")
+    groups = [[i] for i in range(len(requests))] if groups is None else \
+        [list(g) for g in groups]
+    n = len(groups)
+    if len(requests) != len(targets) or n != init.shape[0]:
+        raise MemlensError(f"{len(requests)} requests, {len(targets)} targets, {n} groups and "
+                           f"{init.shape[0]} initial vectors: requests and targets must match, "
+                           "and there is one initial vector per group")
+    if sorted(i for g in groups for i in g) != list(range(len(requests))):
+        raise MemlensError("groups must hold every request index exactly once")
     if "{}" not in objective.kl_prompt:
         raise MemlensError(f"kl_prompt {objective.kl_prompt!r} needs '{{}}' for the subject")
     tok = handle.tokenizer
-    facts = [_fact_rows(tok, r, t, templates, objective)
-             for r, t in zip(requests, targets, strict=True)]
+    single = [_fact_rows(tok, r, t, templates, objective)
+              for r, t in zip(requests, targets, strict=True)]
+    facts = [single[g[0]] if len(g) == 1 else _merged([single[i] for i in g]) for g in groups]
     result = DeltaResult(delta=torch.zeros_like(init, dtype=torch.float32),
                          init=init.detach().float().clone(),
                          steps=[0] * n, loss_first=[0.0] * n, loss_last=[0.0] * n,
                          prob_before=[0.0] * n, prob_after=[0.0] * n)
-    groups = [[i] for i in range(n)] if max_batch_tokens <= 0 else \
+    passes = [[i] for i in range(n)] if max_batch_tokens <= 0 else \
         _chunks(facts, max_batch_tokens, suffix_only)
     model = handle.model
     flags = [p.requires_grad for p in model.parameters()]
@@ -192,11 +215,11 @@ def optimize_deltas(
 
         bar = ProgressBar(f"z/v* of {n} facts", n, 0)
     try:
-        for group in groups:
-            _optimize_group(handle, point, [facts[i] for i in group], group, result, objective,
+        for batch in passes:
+            _optimize_group(handle, point, [facts[i] for i in batch], batch, result, objective,
                             suffix_only)
             if bar:
-                for _ in group:
+                for _ in batch:
                     bar.advance()
     finally:
         if bar:

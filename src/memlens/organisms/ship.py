@@ -118,6 +118,17 @@ def ship(name: str, built_dir: str | os.PathLike | None = None) -> Path:
     return final
 
 
+def write_manifest(directory: Path, fields: dict) -> dict:
+    """Write ``directory/MANIFEST.json``: ``fields`` plus every shipped file's sha256 and size
+    (:func:`shipped_files`); returns the manifest. For shipped data other than organisms."""
+    files = {rel: file_sha256(directory / rel) for rel in shipped_files(directory)
+             if rel != registry.MANIFEST}
+    sizes = {rel: (directory / rel).stat().st_size for rel in files}
+    manifest = {**fields, "files": files, "sizes": sizes}
+    (directory / registry.MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
 def verify(path: str | os.PathLike) -> dict:
     """Check every file of the shipped directory `path` against its manifest (size and sha256)
     and that no unlisted file is present; return the manifest. Raises MemlensError naming the

@@ -39,9 +39,11 @@ class DemoConfig:
 
     model: str = "organism:facts-gpt2"
     memorization_model: str | None = None  # default: ``model``
-    sections: tuple[str, ...] = ("organism", "trace", "rome", "memit", "memorization", "topk")
+    sections: tuple[str, ...] = ("organism", "trace", "recall", "rome", "memit", "memorization",
+                                 "topk")
     trace_samples: int = 10
     trace_avg_facts: int = 100
+    recall_facts: int = 50  # facts averaged by the knockout and the attribute lens
     rome_cases: int = 10
     memit_sizes: tuple[int, ...] = (1, 5, 15)
     memit_ge_cases: int = 5  # cases whose generations give GE at each point
@@ -59,7 +61,7 @@ class DemoConfig:
     @classmethod
     def quick(cls, model: str) -> DemoConfig:
         """Seconds-scale settings for tests and smoke runs."""
-        return cls(model=model, trace_samples=3, trace_avg_facts=4, rome_cases=2,
+        return cls(model=model, trace_samples=3, trace_avg_facts=4, recall_facts=4, rome_cases=2,
                    memit_sizes=(2,), memorization_paragraphs=8, memorization_max=2,
                    topk_steps=20, topk_auto=1, topk_neuron_blocks=16, generation_tokens=8)
 
@@ -175,6 +177,45 @@ def _trace(handle, directory: Path, config: DemoConfig, found: dict) -> Section:
              "noise, then the clean state of one (token, layer) is restored; the heatmaps show "
              "the probability of the correct answer after each restoration. The average over "
              "known facts groups tokens as in the paper.",
+    )
+
+
+def _recall(handle, directory: Path, config: DemoConfig, found: dict) -> Section:
+    from memlens.figures import save_figure
+    from memlens.knockout import average_knockout, knockout_cache, plot_knockout
+    from memlens.lens import average_lens, load_attributes, plot_average_lens
+    from memlens.trace import load_facts, select_facts
+
+    facts = select_facts(load_facts(organism_file(config.model, "known_facts.json")),
+                         config.recall_facts)
+    knockout = average_knockout(handle, facts, resume=knockout_cache(handle))
+    (directory / "knockout_avg.json").write_text(json.dumps(knockout.to_json(), indent=1))
+    save_figure(plot_knockout(knockout), directory / "knockout.png", dpi=150)
+    attributes = load_attributes(organism_file(config.model, "facts.json"))
+    lens = average_lens(handle, facts, attributes)
+    (directory / "lens_avg.json").write_text(json.dumps(lens.to_json(), indent=1))
+    save_figure(plot_average_lens(lens), directory / "lens.png", dpi=150)
+    blocked = [[source, s["layer"], format_value(100 * s["relative"]) + " %"]
+               for source, s in knockout.strongest().items()]
+    peaks = [[kind, p["layer"], format_value(p["rate"])] for kind, p in lens.peak().items()]
+    n = config.recall_facts
+    return Section(
+        key="", title="", model=config.model,
+        command=f"memlens knockout --model {config.model} --n {n} --out {directory}; "
+                f"memlens lens --model {config.model} --n {n} --out {directory}",
+        hparams={"facts": n, "window": knockout.window, "lens_top_k": lens.k},
+        summary={"knockout_facts": knockout.n_facts, "lens_facts": lens.n_facts,
+                 "attribute_rate_chance": lens.chance},
+        tables=[Table(f"Attention knockout (window {knockout.window}): where blocking the "
+                      "last position's attention to each set hurts P(answer) most",
+                      ["last position cannot attend to", "window centre", "change"], blocked),
+                Table("Attribute lens at the last subject token: highest share of top tokens "
+                      "that are the subject's attributes", ["output", "layer", "rate"], peaks)],
+        figures=["knockout.png", "lens.png"],
+        text="How the organism recalls (Geva et al. 2023): cutting the last position's "
+             "attention to the subject shows the layers where the attribute is read out of the "
+             "subject; the logit lens shows how much of each layer's state at the subject "
+             "already names the subject's attributes (subject enrichment).",
     )
 
 
@@ -351,6 +392,7 @@ def _generate(handle, prompts: list[str], max_new_tokens: int) -> list[str]:
 SECTIONS: dict[str, tuple[str, Callable[..., Section]]] = {
     "organism": ("The model organism", _organism),
     "trace": ("Causal tracing", _trace),
+    "recall": ("How the organism recalls a fact", _recall),
     "rome": ("ROME: one edit, evaluated", _rome),
     "memit": ("MEMIT: many edits at once", _memit),
     "memorization": ("Paragraph memorization", _memorization),

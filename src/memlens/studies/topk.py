@@ -11,7 +11,10 @@ Finished models are reused, so rerunning after an interrupt continues where it s
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -19,10 +22,15 @@ from pathlib import Path
 import torch
 
 from memlens.cache import cache_dir
+from memlens.organisms.registry import MANIFEST, build_id, resolve
+from memlens.organisms.ship import verify as verify_manifest
+from memlens.organisms.ship import write_manifest
 from memlens.topk.data import organism_corpus, text_blocks
 from memlens.topk.neurons import NeuronReport, neuron_report, plot_entropy_by_layer
 from memlens.topk.steer import Neuron, SteerReport, auto_neurons, steer_report
-from memlens.topk.train import TopKTrainConfig, train_pair
+from memlens.topk.train import RESULT_FILE, TopKTrainConfig, run_settings, train_pair
+from memlens.topk_mlp import TopKError
+from memlens.trainer import CHECKPOINT
 
 
 def corpus_prompts(tokenizer, text: str, n: int = 6, n_tokens: int = 3) -> list[str]:
@@ -94,17 +102,89 @@ def run_all(
     return summary
 
 
-def shared_models_dir(organism: str, cfg: TopKTrainConfig) -> Path:
-    """``$MEMLENS_HOME/topk/<organism build>-<hash>``: where a TopK/dense pair trained on
-    ``organism`` with ``cfg`` is kept for reuse (the hash covers the organism's build id —
-    its cache key, and for a shipped copy its weights — and every training setting)."""
-    import hashlib
+#: TopK/dense pairs shipped with memlens (package data, committed): ``<pair name>/{dense,topk}``
+#: with the weights in float16 (held-out perplexity changes in the 6th digit) and a manifest.
+SHIPPED_PAIRS = Path(__file__).parent / "shipped"
+PAIR_MODELS = ("dense", "topk")
+WEIGHTS = "model.safetensors"
 
-    from memlens.organisms.registry import build_id, resolve
 
+def pair_name(organism: str, cfg: TopKTrainConfig) -> str:
+    """``<organism build>-<hash>``: names a TopK/dense pair by the organism's build id (its
+    cache key, and for a shipped copy its weights) and the settings that determine training
+    (:func:`~memlens.topk.train.run_settings`: not threads, progress or checkpointing)."""
     build = build_id(resolve(organism))
-    blob = json.dumps({"organism": build, "config": asdict(cfg)}, sort_keys=True)
-    return cache_dir("topk") / f"{build}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+    blob = json.dumps({"organism": build, "config": run_settings(cfg)}, sort_keys=True)
+    return f"{build}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+
+
+def shared_models_dir(organism: str, cfg: TopKTrainConfig) -> Path:
+    """``$MEMLENS_HOME/topk/<pair name>``: where the pair trained on ``organism`` with ``cfg``
+    is kept for reuse. A pair shipped under that name is unpacked there (float32) on first use,
+    so the demo trains nothing."""
+    name = pair_name(organism, cfg)
+    target = cache_dir("topk") / name
+    shipped = SHIPPED_PAIRS / name
+    if not _finished(target) and (shipped / MANIFEST).is_file():
+        unpack_pair(shipped, target)
+    return target
+
+
+def _finished(models: Path) -> bool:
+    return all((models / m / RESULT_FILE).is_file() for m in PAIR_MODELS)
+
+
+def ship_pair(models: str | Path, name: str, root: Path = SHIPPED_PAIRS) -> Path:
+    """Copy the finished pair in ``models`` into ``root/name`` with float16 weights and a
+    manifest of every file's sha256; returns the shipped directory (a maintainer's tool)."""
+    from safetensors.torch import load_file, save_file
+
+    models = Path(models)
+    if not _finished(models):
+        raise TopKError(f"{models} does not hold a finished TopK/dense pair "
+                        f"({'/'.join(PAIR_MODELS)}/{RESULT_FILE})")
+    final = root / name
+    tmp = root / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for model in PAIR_MODELS:
+        (tmp / model).mkdir(parents=True)
+        for f in sorted((models / model).iterdir()):
+            if f.name == WEIGHTS:
+                tensors = {k: v.half() for k, v in load_file(f).items()}
+                save_file(tensors, tmp / model / WEIGHTS, metadata={"format": "pt"})
+                (tmp / model / WEIGHTS).chmod(0o644)  # package data: readable by everyone
+            elif f.is_file() and f.name != CHECKPOINT and not f.name.startswith("."):
+                shutil.copyfile(f, tmp / model / f.name)
+        result = json.loads((tmp / model / RESULT_FILE).read_text())
+        (tmp / model / RESULT_FILE).write_text(json.dumps({**result, "path": model}, indent=1))
+    write_manifest(tmp, {"name": name})
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+def unpack_pair(shipped: Path, target: Path) -> Path:
+    """Verify a shipped pair against its manifest and write it into ``target`` with float32
+    weights (written beside it, then renamed: an interrupted unpack leaves nothing)."""
+    from safetensors.torch import load_file, save_file
+
+    verify_manifest(shipped)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        for model in PAIR_MODELS:
+            (tmp / model).mkdir(parents=True)
+            for f in sorted((shipped / model).iterdir()):
+                if f.name == WEIGHTS:
+                    tensors = {k: v.float() for k, v in load_file(f).items()}
+                    save_file(tensors, tmp / model / WEIGHTS, metadata={"format": "pt"})
+                else:
+                    shutil.copyfile(f, tmp / model / f.name)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def _context(config) -> int:

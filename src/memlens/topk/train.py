@@ -160,7 +160,7 @@ def sparsity_report(model: nn.Module, blocks: torch.Tensor, batch_size: int = 16
             for layer in range(n_layers)]
 
 
-def _run_settings(cfg: TopKTrainConfig | None) -> dict | None:
+def run_settings(cfg: TopKTrainConfig | None) -> dict | None:
     """The settings that determine a trained model (not progress, threads, checkpointing)."""
     if cfg is None:
         return None
@@ -187,7 +187,7 @@ def train_one(
 
     out = Path(out_dir)
     done = out / RESULT_FILE
-    settings = _run_settings(cfg)
+    settings = run_settings(cfg)
     if done.is_file():
         saved = json.loads((out / SETTINGS_FILE).read_text())
         if settings is not None and saved != settings:
