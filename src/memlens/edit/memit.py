@@ -23,7 +23,7 @@ code, so λ C = (λ/N) K₀K₀ᵀ: each inserted key weighs as much as N/λ cor
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -82,8 +82,10 @@ class MEMITHyperParams(HyperParams):
     #: Tuned on the tiny organism: λ = 300 and a clamp of 4·‖h‖ make ≥ 18 of 20 edits
     #: (tests/test_memit.py). On facts-gpt2 (200 edits, layers 0–1) the bare keys, more z
     #: steps with ROME's organism decay and the same-subject merge raised ES from 0.175 (mean
-    #: keys) to 0.505, 0.70, 0.78 and 0.80; λ 100 or 1,000 did worse (docs/memit.md).
-    ORGANISM_DEFAULTS: ClassVar[dict[str, Any]] = {"mom2_update_weight": 300.0,
+    #: keys) to 0.505, 0.70, 0.78 and 0.80; λ 100 or 1,000 did worse; layer 0 alone (ROME's
+    #: organism layer) gave 0.855 at 200 and Score 0.594 vs 0.524 at 1,000 (docs/memit.md).
+    ORGANISM_DEFAULTS: ClassVar[dict[str, Any]] = {"layers": (0,),
+                                                   "mom2_update_weight": 300.0,
                                                    "clamp_norm_factor": 4.0,
                                                    "keys": "both",
                                                    "v_weight_decay": 0.05,
@@ -192,8 +194,22 @@ def apply_memit(
     instead of raising; ``hparams.batch_size`` splits the requests into sequential batches.
     """
     started = time.perf_counter()
-    plan = _plan(handle, requests, layers, hparams, stats, corpus, templates, check_current,
-                 skip_invalid, progress)
+    plan = plan_memit(handle, requests, layers, hparams, stats, corpus, templates, check_current,
+                      skip_invalid, progress)
+    return write_planned(handle, plan, method="memit", solve=None, started=started,
+                         progress=progress)
+
+
+#: ``solve(layer, K, resid)`` → Δ_l (d_model, d_ff), from K (d_ff, m) and R_l (d_model, m):
+#: the layer update of a MEMIT-family editor (None: MEMIT's own, :func:`memit_layer_delta`)
+Solve = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def write_planned(handle: Any, plan: _Plan, *, method: str, solve: Solve | None,
+                  started: float, progress: bool) -> EditHandle:
+    """Compute z and write the layer updates of a checked plan (:func:`plan_memit`), batch by
+    batch; the sealed, outcome-checked edit (restored before raising on any failure). Shared
+    by MEMIT and AlphaEdit (:mod:`memlens.edit.alphaedit`), which differ only in ``solve``."""
     hp = plan.hparams
     before = measure(handle, plan.requests)
     names = [edit_weight_name(handle, layer) for layer in plan.layers]
@@ -203,7 +219,8 @@ def apply_memit(
     layer_logs: list[dict[str, Any]] = []
     try:
         for start in range(0, len(plan.requests), batch):
-            z_log, logs = _memit_batch(handle, plan, range(start, start + batch), progress)
+            z_log, logs = _memit_batch(handle, plan, range(start, start + batch), progress,
+                                       solve)
             z_logs.append(z_log)
             layer_logs.extend(logs)
     except BaseException:
@@ -216,7 +233,7 @@ def apply_memit(
         edit.delta_norms[layer] = float((W - (W0.T if arch.spec.mlp_out_transposed else W0))
                                         .norm())
     edit.log = {
-        "method": "memit",
+        "method": method,
         "requests": [r.to_dict() for r in plan.requests],
         "n_requests": len(plan.requests),
         "skipped": plan.skipped,
@@ -232,11 +249,13 @@ def apply_memit(
     return record_outcome(edit, plan.requests, before, edit.log["z"], "z loss")
 
 
-def _plan(handle: Any, requests: Sequence[EditRequest | dict[str, Any]],
-          layers: Sequence[int] | None, hparams: MEMITHyperParams | None,
-          stats: dict[int, KeyStats] | None, corpus: str | None, templates: list[str] | None,
-          check_current: bool, skip_invalid: bool, progress: bool) -> _Plan:
-    """Every check that can fail, before any weight is touched."""
+def plan_memit(handle: Any, requests: Sequence[EditRequest | dict[str, Any]],
+               layers: Sequence[int] | None, hparams: MEMITHyperParams | None,
+               stats: dict[int, KeyStats] | None, corpus: str | None,
+               templates: list[str] | None, check_current: bool, skip_invalid: bool,
+               progress: bool) -> _Plan:
+    """Every check that can fail, before any weight is touched: requests, layers, key
+    statistics (when ``hparams.mom2_adjustment``) and context templates."""
     hp = hparams or MEMITHyperParams.for_model(handle)
     reqs = [coerce_request(r) for r in requests]
     if not reqs:
@@ -263,8 +282,8 @@ def _plan(handle: Any, requests: Sequence[EditRequest | dict[str, Any]],
     return _Plan(kept, targets, chosen, source, hp, key_stats, list(templates), skipped)
 
 
-def _memit_batch(handle: Any, plan: _Plan, index: range, progress: bool
-                 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def _memit_batch(handle: Any, plan: _Plan, index: range, progress: bool,
+                 solve: Solve | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Compute z for the requests ``index`` and write Δ_l into every layer of R in order."""
     hp, arch, model = plan.hparams, handle.arch, handle.model
     requests = plan.requests[index.start: index.stop]
@@ -295,8 +314,11 @@ def _memit_batch(handle: Any, plan: _Plan, index: range, progress: bool
             bare = fact_token_reads(handle, requests, ["{}"], hp.fact_token, {key_point: "bare"},
                                     max_batch_tokens=hp.max_batch_tokens)[key_point].T
             K, resid = torch.cat([K, bare], 1), torch.cat([resid, resid], 1)
-        C = plan.stats[layer].mom2 if hp.mom2_adjustment else None
-        delta = memit_layer_delta(K, resid, C, hp.mom2_update_weight, layer)
+        if solve is not None:
+            delta = solve(layer, K, resid)
+        else:
+            C = plan.stats[layer].mom2 if hp.mom2_adjustment else None
+            delta = memit_layer_delta(K, resid, C, hp.mom2_update_weight, layer)
         W = arch.get_edit_weight(model, layer)
         arch.set_edit_weight(model, layer, (W.double() + delta.to(W.device)).to(W.dtype))
         logs.append({"layer": layer, "residual_norm": float((Z - H).norm(dim=1).mean()),

@@ -56,6 +56,7 @@ class DemoConfig:
     topk_steps: int = 200  # `memlens topk all` (the README's numbers) trains 300
     topk_auto: int = 4
     topk_neuron_blocks: int = 512  # held-out blocks the neuron entropies are measured on
+    topk_eval_limit: int = 100  # items per task of `memlens topk eval` on the pair (0: none)
     generation_tokens: int = 20
 
     @classmethod
@@ -63,7 +64,8 @@ class DemoConfig:
         """Seconds-scale settings for tests and smoke runs."""
         return cls(model=model, trace_samples=3, trace_avg_facts=4, recall_facts=4, rome_cases=2,
                    memit_sizes=(2,), memorization_paragraphs=8, memorization_max=2,
-                   topk_steps=20, topk_auto=1, topk_neuron_blocks=16, generation_tokens=8)
+                   topk_steps=20, topk_auto=1, topk_neuron_blocks=16, topk_eval_limit=10,
+                   generation_tokens=8)
 
 
 def run_sections(out: Path, config: DemoConfig) -> None:
@@ -134,6 +136,7 @@ def _organism(handle, directory: Path, config: DemoConfig, found: dict) -> Secti
 
 def _trace(handle, directory: Path, config: DemoConfig, found: dict) -> Section:
     from memlens.edit.hparams import ROMEHyperParams
+    from memlens.edit.memit import MEMITHyperParams
     from memlens.edit.layers import band_around_peak
     from memlens.trace import average_trace, load_facts, select_facts, trace_cache, trace_fact
     from memlens.trace.plot import plot_average, plot_trace
@@ -152,7 +155,11 @@ def _trace(handle, directory: Path, config: DemoConfig, found: dict) -> Section:
     band = band_around_peak(avg.effect("mlp", "last_subject"))
     if band is not None:  # the editing sections edit where this organism recalls
         curve = avg.effect("mlp", "last_subject")
-        found["edit_layers"] = band
+        # MEMIT's and ROME's own defaults for this model (organisms: layer 0) when they lie
+        # in the band, else the band (MEMIT) and the band's strongest MLP (ROME)
+        memit_default = MEMITHyperParams.for_model(handle).layers
+        found["edit_layers"] = list(memit_default) if memit_default and \
+            set(memit_default) <= set(band) else band
         # ROME's own default for this model (organisms: layer 0) when it has one, else the
         # band's strongest MLP (on facts-gpt2 MLPs 0 and 1 tie; layer 0 edits best)
         default = ROMEHyperParams.for_model(handle).layer
@@ -349,25 +356,36 @@ def _no_paragraphs(key: str, scan: dict[str, Any]) -> str:
 
 
 def _topk(handle, directory: Path, config: DemoConfig, found: dict) -> Section:
+    from memlens.studies.organism_tasks import pair_table
     from memlens.studies.topk import run_all, shared_models_dir
     from memlens.topk import TopKTrainConfig
 
     cfg = TopKTrainConfig(steps=config.topk_steps)
+    models = shared_models_dir(config.model, cfg)
     summary = run_all(config.model, directory, cfg, n_auto=config.topk_auto,
                       n_neuron_blocks=config.topk_neuron_blocks,
-                      max_new_tokens=config.generation_tokens,
-                      models=shared_models_dir(config.model, cfg))
+                      max_new_tokens=config.generation_tokens, models=models)
+    limit = config.topk_eval_limit
+    header, rows, evaluated = pair_table(models, config.model, directory, limit) if limit \
+        else ([], [], {})
     markdown = (directory / "summary.md").read_text() if (directory / "summary.md").exists() \
         else ""
     return Section(
         key="", title="", model=config.model,
         command=f"memlens topk all --organism {config.model} --steps {config.topk_steps} "
-                f"--out {directory}",
+                f"--out {directory}" + (f"; memlens topk eval --model {models}/topk --twin "
+                                        f"{models}/dense --organism {config.model} --limit "
+                                        f"{limit} --bootstrap-iters 1000 --out {directory}"
+                                        if limit else ""),
         hparams=asdict(cfg),
         summary={**{k: v for k, v in summary.items() if isinstance(v, str | int | float)},
                  "best_steering_ratio": explain(
                      (summary["best_steering"] or {}).get("ratio"),
-                     f"no neuron was steered: {config.topk_auto} asked, none picked")},
+                     f"no neuron was steered: {config.topk_auto} asked, none picked"),
+                 **evaluated},
+        tables=[Table(f"TopK vs dense on lm-evaluation-harness (first {limit} items per task; "
+                      "± one standard error, gap paired over items)", header, rows)]
+        if rows else [],
         figures=sorted(p.name for p in directory.glob("*.png")),
         text="A TopK LM (only k MLP units active per token) and its dense twin trained on the "
              "same data and budget; neurons of the TopK model have lower token entropy, and "
