@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 BENCHMARKS = ["bench_trace", "bench_stats", "bench_memorization", "bench_memit", "bench_topk",
-              "bench_organism_training"]
+              "bench_organism_training", "bench_scale"]
 
 
 def main() -> None:

@@ -31,7 +31,13 @@ from torch import nn
 
 from memlens.arch import ArchAdapter, adapter_for
 from memlens.cache import BUILDING
-from memlens.errors import HubUnreachable, InvalidModelFiles, MemlensError, ModelNotFound
+from memlens.errors import (
+    HubUnreachable,
+    InvalidArgument,
+    InvalidModelFiles,
+    MemlensError,
+    ModelNotFound,
+)
 from memlens.tokens import Batch, encode
 
 ORGANISM_PREFIX = "organism:"  # model references "organism:NAME" name a model organism
@@ -195,13 +201,16 @@ def load_model(
     """Load a causal LM by hub id, local directory or ``organism:NAME``.
 
     ``device="auto"`` spreads a large model over the available GPUs (accelerate's
-    ``device_map``); ``None`` picks CUDA when present, else CPU. Use
+    ``device_map``); ``None`` picks CUDA when present, else CPU. ``dtype`` (float32, bfloat16,
+    float16 or a torch dtype; None keeps the checkpoint's) sets the weights' precision; the
+    numerics that need it stay in float32/float64 whatever it is (key statistics, the
+    ROME/MEMIT solves, the v*/z optimisation). Use
     ``attn_implementation="eager"`` when attention weights are needed (sdpa returns none).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    torch_dtype = parse_dtype(dtype)
     source = _resolve_source(ref)
-    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
@@ -231,6 +240,22 @@ def load_model(
     local = Path(source) if Path(source).is_dir() else None
     return ModelHandle(model=model, tokenizer=tokenizer, arch=adapter_for(model), ref=ref,
                        source_dir=local)
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+          "half": torch.float16}  # names --dtype accepts
+
+
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A torch floating dtype from ``"float32" | "bfloat16" | "float16"`` (or fp32/bf16/fp16,
+    or a torch dtype); None stays None (the checkpoint's own dtype)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).strip().lower().removeprefix("torch.")
+    if key not in DTYPES:
+        raise InvalidArgument(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
+    return DTYPES[key]
 
 
 def _reapply_extensions(model: nn.Module) -> None:

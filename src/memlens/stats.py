@@ -9,7 +9,10 @@ token; each batch's Σ k kᵀ is formed in float32 (≤ batch_tokens terms) and 
 sums. Results are cached atomically under
 ``$MEMLENS_HOME/stats/<model fingerprint>/<corpus>-n<samples>-len<max_len>/layer<L>.safetensors``;
 a run checkpoints its partial sums every few batches and resumes after an interrupt.
+Under ``torchrun`` (torch.distributed initialised) each rank sums every world-size-th batch and
+one all-reduce adds the ranks' sums: the result equals the single-process one.
 A corpus is a text file (one sample per non-empty line), JSON/JSONL (strings or {"text": ...}),
+a parquet file (its "text" column),
 an organism directory (its corpus.txt), a saved ``datasets`` directory, or a HF dataset name
 (``datasets`` imported only then).
 """
@@ -90,6 +93,20 @@ def load_corpus(handle: Any, corpus: str | Path | None, n_samples: int) -> tuple
 
 
 def _read_text_file(path: Path, n_samples: int) -> list[str]:
+    if path.suffix == ".parquet":  # a "text" column, read one row group at a time
+        import pyarrow.parquet as pq
+
+        texts: list[str] = []
+        parquet = pq.ParquetFile(path)
+        if "text" not in parquet.schema_arrow.names:
+            raise MemlensError(f"corpus {path}: no 'text' column "
+                               f"(columns: {parquet.schema_arrow.names})")
+        for group in range(parquet.num_row_groups):
+            column = parquet.read_row_group(group, columns=["text"]).column("text")
+            texts += [t for t in column.to_pylist() if t and t.strip()]
+            if len(texts) >= n_samples:
+                break
+        return texts[:n_samples]
     if path.suffix in (".json", ".jsonl"):
         try:
             if path.suffix == ".jsonl":
@@ -204,7 +221,7 @@ def layer_stats(
         for layer, (mom2, count) in computed.items():
             stats = KeyStats(layer, mom2, count, corpus_key, n_samples, fingerprint)
             stats.check_finite()
-            if cache:
+            if cache and _data_parallel()[0] == 0:  # under torchrun rank 0 writes the cache
                 _save(directory, stats)
             result[layer] = stats
     for stats in result.values():
@@ -227,7 +244,10 @@ def _collect(handle: Any, layers: list[int], texts: list[str], max_len: int,
     sums = {layer: torch.zeros(d_ff, d_ff, dtype=torch.float64, device=devices[layer])
             for layer in layers}
     count, start = 0, 0
-    partial = directory / f"partial-L{'-'.join(map(str, layers))}.pt" if directory else None
+    rank, world = _data_parallel()
+    shard = f"-rank{rank}of{world}" if world > 1 else ""
+    partial = directory / f"partial-L{'-'.join(map(str, layers))}{shard}.pt" if directory \
+        else None
     if partial is not None and partial.is_file():
         saved = torch.load(partial, weights_only=True, map_location="cpu")
         if saved["n_batches"] == len(batches):
@@ -246,11 +266,14 @@ def _collect(handle: Any, layers: list[int], texts: list[str], max_len: int,
 
         return read
 
-    bar = _progress(progress, f"key statistics, layers {_ranges(layers)}", len(batches), start)
+    bar = _progress(progress and rank == 0, f"key statistics, layers {_ranges(layers)}",
+                    len(batches), start)
     try:
         with torch.no_grad(), hooks.hooked(model, {f"blocks.{layer}.mlp.hook_post": reader(layer)
                                                    for layer in layers}):
             for index in range(start, len(batches)):
+                if index % world != rank:  # under torchrun each rank sums its own shard
+                    continue
                 ids, mask = pad_rows(batches[index], pad)
                 mask_flat["m"] = mask.reshape(-1).bool()
                 try:
@@ -268,11 +291,40 @@ def _collect(handle: Any, layers: list[int], texts: list[str], max_len: int,
     finally:
         if bar is not None:
             bar.close()
+    if world > 1:
+        sums, count = _all_reduce(sums, count, layers)
     if count == 0:
         raise EmptyInput("the corpus produced no tokens")
     if partial is not None:
         partial.unlink(missing_ok=True)
-    return {layer: (sums[layer] / count, count) for layer in layers}
+    return {layer: (sums[layer].div_(count), count) for layer in layers}  # in place: no copy
+
+
+def _data_parallel() -> tuple[int, int]:
+    """(rank, world size) when torch.distributed is initialised (torchrun), else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce(sums: dict[int, torch.Tensor], count: int, layers: list[int]
+                ) -> tuple[dict[int, torch.Tensor], int]:
+    """Σ over ranks of every layer's float64 sums and the token count: ONE all-reduce of one
+    flat buffer (on the first sum's device: CPU under gloo, the GPU under nccl)."""
+    import torch.distributed as dist
+
+    device = sums[layers[0]].device
+    flat = torch.cat([sums[layer].reshape(-1).to(device) for layer in layers]
+                     + [torch.tensor([float(count)], dtype=torch.float64, device=device)])
+    dist.all_reduce(flat)
+    out, offset = {}, 0
+    for layer in layers:
+        n = sums[layer].numel()
+        out[layer] = flat[offset:offset + n].view_as(sums[layer]).to(sums[layer].device)
+        offset += n
+    return out, int(round(float(flat[-1])))
 
 
 class ProgressBar:

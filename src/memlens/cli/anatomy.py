@@ -12,6 +12,7 @@ import typer
 from memlens.cli.options import (
     DEFAULT_MODEL,
     DeviceOpt,
+    DtypeOpt,
     FactFileOpt,
     JsonOpt,
     ModelOpt,
@@ -98,6 +99,7 @@ def probe(
     out: OutOpt = Path("memlens-probe"),
     as_json: JsonOpt = False,
     device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
 ):
     """P-probing: held-out accuracy of linear probes of the fact's object, per token group and
     layer, with a shuffled-label control and the chance level."""
@@ -106,7 +108,7 @@ def probe(
     from memlens.trace import load_facts
 
     chosen = load_facts(fact_file(model, facts))
-    handle = load_model(model, device=device)
+    handle = load_model(model, device=device, dtype=dtype)
     result = probe_facts(handle, chosen, layers=parse_probe_layers(layers) if layers else None,
                          n=n, seed=seed, test_fraction=test_fraction, progress=not as_json)
     data = result.to_json()
@@ -148,6 +150,7 @@ def knockout(
     out: OutOpt = Path("memlens-knockout"),
     as_json: JsonOpt = False,
     device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
 ):
     """Attention knockout (Geva et al. 2023): change of P(answer) when the last token cannot
     attend to the subject, to the other tokens or to itself, in each window of layers.
@@ -166,7 +169,7 @@ def knockout(
 
     facts_path = _one_fact_or_many(fact)
     if facts_path is None:
-        handle = load_model(fact.model, device=device)
+        handle = load_model(fact.model, device=device, dtype=dtype)
         result = knockout_fact(handle, fact.prompt, fact.subject, window=window, answer=answer)
         name = "knockout"
         headline = (f"[bold]{fact.prompt}[/] → {result.answer!r}: p_clean {result.p_clean:.3f}; "
@@ -175,7 +178,7 @@ def knockout(
         if answer is not None:
             raise MemlensError("--answer applies to one fact (--prompt); facts are scored on "
                                "the model's prediction")
-        handle = load_model(fact.model, device=device)
+        handle = load_model(fact.model, device=device, dtype=dtype)
         chosen = chosen_facts(facts_path, fact.n, fact.relation)
         result = average_knockout(handle, chosen, window=window, progress=not as_json,
                                   resume=knockout_cache(handle))
@@ -213,6 +216,7 @@ def lens(
     out: OutOpt = Path("memlens-lens"),
     as_json: JsonOpt = False,
     device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
 ):
     """Logit lens and attribute rate (Geva et al. 2023): the share of each layer's top tokens
     (residual stream, MLP and attention outputs, through the final norm and unembedding) that
@@ -224,7 +228,7 @@ def lens(
     attributes = _attribute_file(fact.model, attributes, facts_path)
     known = load_attributes(attributes)
     kinds = [k_.strip() for k_ in kind.split(",") if k_.strip()]
-    handle = load_model(fact.model, device=device)
+    handle = load_model(fact.model, device=device, dtype=dtype)
     if facts_path is None:
         run = _lens_one(handle, fact.prompt, fact.subject, known, attributes, k, kinds)
     else:

@@ -1,4 +1,4 @@
-"""``memlens edit rome|memit|ft|ft-l``: one editor each, checked before and after
+"""``memlens edit rome|memit|alphaedit|ft|ft-l``: one editor each, checked before and after
 (:mod:`memlens.edit`)."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from memlens.cli.options import (
     AllowNoEffectOpt,
     CorpusOpt,
     DeviceOpt,
+    DtypeOpt,
     HParamsOpt,
     JsonOpt,
     LayerOpt,
@@ -22,7 +23,7 @@ from memlens.cli.options import (
 )
 from memlens.errors import MemlensError
 
-edit_app = typer.Typer(help="Edit facts: ROME, MEMIT, fine-tuning baselines.",
+edit_app = typer.Typer(help="Edit facts: ROME, MEMIT, AlphaEdit, fine-tuning baselines.",
                        no_args_is_help=True)
 
 RequestsOpt = Annotated[Path, typer.Option("--requests", help="JSON/JSONL: flat requests "
@@ -102,6 +103,7 @@ def edit_rome(
     allow_no_effect: AllowNoEffectOpt = False,
     as_json: JsonOpt = False,
     device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
 ):
     """One ROME edit, evaluated before and after; --save writes the edited model."""
     from memlens.edit import ROMEHyperParams, apply_rome, load_requests
@@ -112,7 +114,7 @@ def edit_rome(
         raise MemlensError(f"{request_file} holds {len(requests)} requests; ROME edits one "
                            "(use `memlens edit memit` for many)")
     request = requests[0]
-    handle = load_model(model, device=device)
+    handle = load_model(model, device=device, dtype=dtype)
     hp = ROMEHyperParams.for_model(handle, path=hparams_file, update=update)
     if not as_json:
         console.print(f"[bold]ROME[/] {request.describe()}")
@@ -191,6 +193,7 @@ def edit_memit(
     allow_no_effect: AllowNoEffectOpt = False,
     as_json: JsonOpt = False,
     device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
 ):
     """Many edits at once with MEMIT, evaluated before and after; --save writes the model."""
     from memlens.edit.memit import MEMITHyperParams, apply_memit
@@ -198,7 +201,7 @@ def edit_memit(
     from memlens.stats import parse_layers
 
     requests = _first_requests(request_file, n)
-    handle = load_model(model, device=device)
+    handle = load_model(model, device=device, dtype=dtype)
     hp = MEMITHyperParams.for_model(handle, path=hparams_file, batch_size=batch_size)
     if not as_json:
         console.print(f"[bold]MEMIT[/] {len(requests)} request(s), e.g. {requests[0].describe()}")
@@ -214,14 +217,65 @@ def edit_memit(
                        allow_no_effect)
 
 
+@edit_app.command("alphaedit")
+def edit_alphaedit(
+    request_file: RequestsOpt,
+    model: ModelOpt = DEFAULT_MODEL,
+    layers: Annotated[str | None, typer.Option("--layers", help="Band R, e.g. 1-3 (default: "
+                                               "as MEMIT chooses it).")] = None,
+    n: NOpt = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Edits per sequential "
+                                                   "batch; later batches keep the keys of "
+                                                   "earlier ones (default: all at once).")]
+    = None,
+    threshold: Annotated[float | None, typer.Option("--nullspace-threshold", help="Eigenvalues "
+                                                    "of C below this span the null space "
+                                                    "(default 2e-2, the reference's).")]
+    = None,
+    skip_invalid: Annotated[bool, typer.Option("--skip-invalid", help="Drop requests the model "
+                                               "already satisfies instead of failing.")] = False,
+    hparams_file: HParamsOpt = None,
+    corpus: CorpusOpt = None,
+    save: SaveOpt = None,
+    allow_no_effect: AllowNoEffectOpt = False,
+    as_json: JsonOpt = False,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+):
+    """Many edits at once with AlphaEdit (MEMIT projected onto the preserved keys' null
+    space), evaluated before and after; --save writes the model."""
+    from memlens.edit.alphaedit import AlphaEditHyperParams, apply_alphaedit
+    from memlens.model import load_model
+    from memlens.stats import parse_layers
+
+    requests = _first_requests(request_file, n)
+    handle = load_model(model, device=device, dtype=dtype)
+    hp = AlphaEditHyperParams.for_model(handle, path=hparams_file, batch_size=batch_size,
+                                        nullspace_threshold=threshold)
+    if not as_json:
+        console.print(f"[bold]AlphaEdit[/] {len(requests)} request(s), e.g. "
+                      f"{requests[0].describe()}")
+    before = _batch_check(handle, requests)
+    edit = apply_alphaedit(handle, requests, layers=parse_layers(layers) if layers else None,
+                           hparams=hp, corpus=corpus, skip_invalid=skip_invalid,
+                           progress=not as_json)
+    z = edit.log["z"]
+    null = ", ".join(f"{k}: {v['dim']}/{v['d_ff']}" for k, v in edit.log["nullspace"].items())
+    _report_batch_edit(handle, edit, requests, before, save, as_json,
+                       f"layers {edit.layers} ({edit.log['layer_source']}), null space "
+                       f"{null}, z: P(new) {z['prob_before']:.3g} → {z['prob_after']:.3g}, "
+                       f"{len(edit.log['skipped'])} skipped, {edit.log['seconds']:.1f}s",
+                       allow_no_effect)
+
+
 def _edit_ft(kind: str, request_file: Path, model: str, layer: int | None, n: int | None,
              hparams_file: Path | None, save: Path | None, as_json: bool,
-             device: str | None, allow_no_effect: bool) -> None:
+             device: str | None, allow_no_effect: bool, dtype: str | None = None) -> None:
     from memlens.edit.finetune import FTHyperParams, apply_ft
     from memlens.model import load_model
 
     requests = _first_requests(request_file, n)
-    handle = load_model(model, device=device)
+    handle = load_model(model, device=device, dtype=dtype)
     hp = FTHyperParams.constrained(handle, path=hparams_file) if kind == "ft-l" else \
         FTHyperParams.for_model(handle, path=hparams_file)
     if not as_json:
@@ -241,9 +295,9 @@ def _ft_command(kind: str, doc: str):
     def command(request_file: RequestsOpt, model: ModelOpt = DEFAULT_MODEL,
                 layer: LayerOpt = None, n: NOpt = None, hparams_file: HParamsOpt = None,
                 save: SaveOpt = None, allow_no_effect: AllowNoEffectOpt = False,
-                as_json: JsonOpt = False, device: DeviceOpt = None):
+                as_json: JsonOpt = False, device: DeviceOpt = None, dtype: DtypeOpt = None):
         _edit_ft(kind, request_file, model, layer, n, hparams_file, save, as_json, device,
-                 allow_no_effect)
+                 allow_no_effect, dtype)
 
     command.__name__, command.__doc__ = f"edit_{kind.replace('-', '_')}", doc
     return edit_app.command(kind)(command)

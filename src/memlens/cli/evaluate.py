@@ -14,6 +14,7 @@ from memlens.cli.options import (
     CorpusOpt,
     DataOpt,
     DeviceOpt,
+    DtypeOpt,
     HParamsOpt,
     JsonOpt,
     LayerOpt,
@@ -29,7 +30,8 @@ eval_app = typer.Typer(help="Evaluate a model or an editor (CounterFact, zsRE)."
 def eval_counterfact(
     model: ModelOpt = DEFAULT_MODEL,
     data: DataOpt = None,
-    edit: Annotated[str, typer.Option("--edit", help="rome, memit, ft, ft-l or none.")] = "none",
+    edit: Annotated[str, typer.Option("--edit", help="rome, memit, alphaedit, ft, ft-l or "
+                                      "none.")] = "none",
     n: Annotated[int | None, typer.Option("--n", help="First N cases.")] = None,
     layer: LayerOpt = None,
     hparams_file: HParamsOpt = None,
@@ -43,6 +45,7 @@ def eval_counterfact(
                                              "(all cases) here.")] = None,
     as_json: JsonOpt = False,
     device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
 ):
     """ES/PS/NS (+EM/PM/NM), Score, GE, RS before and after editing each case alone."""
     from memlens.evaluate import (
@@ -55,7 +58,7 @@ def eval_counterfact(
     from memlens.missing import format_value
     from memlens.model import load_model
 
-    handle = load_model(model, device=device)
+    handle = load_model(model, device=device, dtype=dtype)
     path = resolve_data(data, handle)
     cases = load_counterfact(path, n=n)
     refs = ReferenceTexts.load(references) if references else ReferenceTexts.for_data(handle, path)
@@ -88,6 +91,42 @@ def eval_counterfact(
     if result.extra["skipped"]:
         console.print(f"skipped {len(result.extra['skipped'])} case(s); first: "
                       f"{result.extra['skipped'][0]['reason']}")
+
+
+@eval_app.command("zsre")
+def eval_zsre(
+    data: Annotated[Path, typer.Option("--data", help="zsRE evaluation JSON as published "
+                                       "(zsre_mem_eval.json).")],
+    model: ModelOpt = DEFAULT_MODEL,
+    edit: Annotated[str, typer.Option("--edit", help="rome, memit, alphaedit, ft, ft-l or "
+                                      "none.")] = "none",
+    n: Annotated[int | None, typer.Option("--n", help="First N cases.")] = None,
+    layer: LayerOpt = None,
+    corpus: CorpusOpt = None,
+    as_json: JsonOpt = False,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+):
+    """zsRE efficacy, paraphrase and specificity (token accuracy) before and after editing
+    each case alone."""
+    from memlens.evaluate.zsre import evaluate_zsre, load_zsre
+    from memlens.missing import format_value
+    from memlens.model import load_model
+
+    handle = load_model(model, device=device, dtype=dtype)
+    result = evaluate_zsre(handle, load_zsre(data, n=n), editor=edit, layer=layer,
+                           corpus=corpus, progress=not as_json)
+    if as_json:
+        print_json(result)
+        return
+    from rich.table import Table
+
+    table = Table(title=f"zsRE: {model}, {result['pre']['n']} cases, editor {edit}")
+    for column in ("metric", "pre", "post"):
+        table.add_column(column, justify="right")
+    for key in ("efficacy", "paraphrase", "specificity"):
+        table.add_row(key, format_value(result["pre"][key]), format_value(result["post"][key]))
+    console.print(table)
 
 
 def register(app: typer.Typer) -> None:

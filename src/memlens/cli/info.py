@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import typer
 
-from memlens.cli.options import DEFAULT_MODEL, DeviceOpt, JsonOpt, ModelOpt, console, print_json
+from memlens.cli.options import (
+    DEFAULT_MODEL,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelOpt,
+    console,
+    print_json,
+)
 
 
-def info(model: ModelOpt = DEFAULT_MODEL, as_json: JsonOpt = False, device: DeviceOpt = None):
+def info(model: ModelOpt = DEFAULT_MODEL, as_json: JsonOpt = False, device: DeviceOpt = None,
+         dtype: DtypeOpt = None):
     """Architecture, sizes and the module names memlens edits."""
     from memlens.model import load_model
 
-    handle = load_model(model, device=device)
+    handle = load_model(model, device=device, dtype=dtype)
     summary = handle.info()
     if as_json:
         print_json(summary)

@@ -14,6 +14,7 @@ import typer
 from memlens.cli.options import (
     AllowNoEffectOpt,
     DeviceOpt,
+    DtypeOpt,
     JsonOpt,
     ModelOpt,
     OutOpt,
@@ -48,7 +49,8 @@ SaveOpt = Annotated[Path | None, typer.Option(
 SHARED = [
     option("model", ModelOpt, "organism:facts-neo"), option("corpus", ParagraphsOpt, None),
     option("out", OutOpt, Path("memorization")), option("as_json", JsonOpt, False),
-    option("device", DeviceOpt, None), option("prefix_len", PrefixOpt, 50),
+    option("device", DeviceOpt, None), option("dtype", DtypeOpt, None),
+    option("prefix_len", PrefixOpt, 50),
     option("suffix_len", SuffixOpt, 50), option("mp_min_em", MpOpt, None),
     option("nmp_max_em", NmpOpt, 10), option("limit", LimitOpt, None),
 ]
@@ -66,7 +68,7 @@ def _inputs(shared, **settings):
     from memlens.model import load_model
     from memlens.studies.memorization import Settings
 
-    handle = load_model(shared.model, device=shared.device)
+    handle = load_model(shared.model, device=shared.device, dtype=shared.dtype)
     paragraphs = load_paragraphs(handle, shared.corpus, prefix_len=shared.prefix_len,
                                  suffix_len=shared.suffix_len, limit=shared.limit)
     shared.out.mkdir(parents=True, exist_ok=True)

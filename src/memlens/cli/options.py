@@ -32,6 +32,8 @@ ModelOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON only.")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Directory for results and figures.")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:1 or auto.")]
+DtypeOpt = Annotated[str | None, typer.Option(
+    "--dtype", help="Weights' precision: float32, bfloat16 or float16 (default: the checkpoint's). Statistics, solves and v*/z optimisation stay float32/float64.")]
 TraceWindowOpt = Annotated[int | None, typer.Option("--window", help="Layers restored together "
                                                     "for mlp/attn (default: 10 on models of ≥ "
                                                     "28 layers, 10·L/48 on shallower ones).")]

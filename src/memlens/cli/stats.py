@@ -10,6 +10,7 @@ from memlens.cli.options import (
     DEFAULT_MODEL,
     CorpusOpt,
     DeviceOpt,
+    DtypeOpt,
     JsonOpt,
     ModelOpt,
     console,
@@ -28,12 +29,13 @@ def stats(
     = 256,
     as_json: JsonOpt = False,
     device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
 ):
     """Second moments C = E(k kᵀ) of the MLP keys of many layers, in one cached pass."""
     from memlens.model import load_model
     from memlens.stats import layer_stats, parse_layers
 
-    handle = load_model(model, device=device)
+    handle = load_model(model, device=device, dtype=dtype)
     result = layer_stats(handle, parse_layers(layers), corpus=corpus, n_samples=samples,
                          batch_tokens=batch_tokens, max_len=max_len, progress=not as_json)
     rows = [s.meta() for s in result.values()]

@@ -1,5 +1,7 @@
-"""``memlens topk train|neurons|steer|all``: TopK language models (:mod:`memlens.topk`, the
-whole study in :mod:`memlens.studies.topk`)."""
+"""``memlens topk train|neurons|steer|all|eval|formation|rome-keys``: TopK language models
+(:mod:`memlens.topk`, the whole study in :mod:`memlens.studies.topk`, lm-evaluation-harness
+tasks in :mod:`memlens.studies.organism_tasks`, neuron formation in
+:mod:`memlens.topk.formation`, ROME keys in :mod:`memlens.studies.topk_edit`)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import typer
 from memlens.cli.options import (
     DEFAULT_MODEL,
     DeviceOpt,
+    DtypeOpt,
     JsonOpt,
     ModelOpt,
     OutOpt,
@@ -20,8 +23,9 @@ from memlens.cli.options import (
     print_json,
     with_shared,
 )
+from memlens.studies.organism_tasks import DEFAULT_TASKS, HELDOUT, LOCAL_TASKS
 
-topk_app = typer.Typer(help="Train TopK LMs, read their neurons, steer with them.",
+topk_app = typer.Typer(help="Train TopK LMs, read their neurons, steer with them, evaluate them.",
                        no_args_is_help=True)
 
 OrganismOpt = Annotated[str, typer.Option(
@@ -48,7 +52,27 @@ TRAINING = [
         "--anneal-ratio", help="Share of steps over which α goes 1 → 0.")], 0.2),
     option("seed", Annotated[int, typer.Option(
         "--seed", help="Init and data-order seed (both models).")], 0),
+    option("keep_steps", Annotated[str, typer.Option(
+        "--keep-steps", help="Steps after which the TopK model is snapshotted into "
+        "OUT/topk/snapshots/step-NNNNNN (for `topk formation`): comma-separated steps, 'log' "
+        "(10, 20, 50, 100, 200, … and the last step) or 'none'.")], "log"),
 ]
+
+
+def parse_keep_steps(text: str) -> tuple[int, ...] | None:
+    """``--keep-steps``: 'log' → None (log-spaced default), 'none' → (), '10,50' → (10, 50)."""
+    from memlens.topk_mlp import TopKError
+
+    text = text.strip().lower()
+    if text in ("log", ""):
+        return None
+    if text == "none":
+        return ()
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise TopKError(f"--keep-steps takes comma-separated steps, 'log' or 'none', not "
+                        f"{text!r}") from None
 
 
 def _train_config(training):
@@ -56,7 +80,8 @@ def _train_config(training):
 
     return TopKTrainConfig(steps=training.steps, k=training.k, batch_size=training.batch_size,
                            lr=training.lr, n_last_nontopk=training.n_last_nontopk,
-                           anneal_ratio=training.anneal_ratio, seed=training.seed)
+                           anneal_ratio=training.anneal_ratio, seed=training.seed,
+                           keep_steps=parse_keep_steps(getattr(training, "keep_steps", "log")))
 
 
 @topk_app.command("train")
@@ -107,6 +132,7 @@ def topk_neurons(
         "--embedder", help="sentence-transformers model for semantic entropy (default: the "
         "LM's input embeddings).")] = None,
     device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
 ):
     """Token and semantic entropy and top tokens of every neuron; entropy-by-layer figure."""
     from memlens.model import load_model
@@ -119,7 +145,7 @@ def topk_neurons(
     for name, ref in (("model", model), ("compare", compare)):
         if ref is None:
             continue
-        handle = load_model(ref, device=device)
+        handle = load_model(ref, device=device, dtype=dtype)
         blocks = neuron_blocks(handle.tokenizer, text, min(128, handle.max_length or 128),
                                max_blocks)
         reports[ref] = neuron_report(handle, blocks, embedder=embedder)
@@ -157,6 +183,7 @@ def topk_steer(
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 20,
     out: OutOpt = Path("topk-steer"),
     device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
 ):
     """Add δ to one neuron while generating; concept-token frequency steered vs unsteered."""
     from memlens.model import load_model
@@ -166,7 +193,7 @@ def topk_steer(
 
     if not auto and neuron is None:
         raise TopKError("give --neuron LAYER:UNIT or --auto")
-    handle = load_model(model, device=device)
+    handle = load_model(model, device=device, dtype=dtype)
     text = _neuron_text(corpus, model)
     blocks = neuron_blocks(handle.tokenizer, text, min(128, handle.max_length or 128))
     prompts = list(prompt or DEFAULT_PROMPTS)
@@ -230,6 +257,111 @@ def topk_all(training):
     summary = run_all(training.organism, training.out, _train_config(training))
     console.print((training.out / "summary.md").read_text())
     console.print(f"[bold]checks:[/] {summary['checks']}  → {training.out / 'summary.json'}")
+
+
+@topk_app.command("eval")
+def topk_eval(
+    model: ModelOpt = DEFAULT_MODEL,
+    twin: Annotated[str | None, typer.Option(
+        "--twin", help="A second model to compare with, e.g. the dense twin.")] = None,
+    tasks: Annotated[str, typer.Option(
+        "--tasks", help=f"Comma-separated: memlens' {', '.join(LOCAL_TASKS)} (harness tasks "
+        f"over the organism's facts, offline), {HELDOUT} (held-out corpus perplexity), or any "
+        "lm-evaluation-harness task (lambada_openai, hellaswag, arc_easy, ...).")]
+    = ",".join(DEFAULT_TASKS),
+    organism: Annotated[str | None, typer.Option(
+        "--organism", help="Organism (organism:NAME or directory) whose facts and corpus the "
+        "local tasks use (default: the model's or twin's directory if it has facts.json).")]
+    = None,
+    corpus: Annotated[str | None, typer.Option(
+        "--corpus", help=f"Text of {HELDOUT}: a text file, organism:NAME or a directory with "
+        "corpus.txt (default: the organism's).")] = None,
+    limit: Annotated[int | None, typer.Option(
+        "--limit", help="At most this many items per task (for quick runs).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Harness batch size.")] = 32,
+    bootstrap_iters: Annotated[int, typer.Option(
+        "--bootstrap-iters", help="Bootstrap resamples for the harness's perplexity standard "
+        "errors (0: none).")] = 10000,
+    out: OutOpt = Path("topk-eval"),
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    as_json: JsonOpt = False,
+):
+    """Evaluate a (TopK) model and its twin with lm-evaluation-harness: accuracy and perplexity
+    ± standard errors, the gap between the two; eval.json, eval.md and eval.png in --out."""
+    from memlens.studies.organism_tasks import evaluate_pair
+
+    table = evaluate_pair(model, twin, tasks, out=out, organism=organism, corpus=corpus,
+                          limit=limit, batch_size=batch_size, bootstrap_iters=bootstrap_iters,
+                          device=device, dtype=dtype)
+    if as_json:
+        print_json(table.to_dict())
+        return
+    typer.echo(table.to_markdown())  # plain markdown: readable here, pastes into docs
+    typer.echo(f"table: {table.files['markdown']}, {table.files['json']}; "
+               f"figure: {table.files['figure']}")
+
+
+@topk_app.command("formation")
+def topk_formation(
+    run: Annotated[Path, typer.Option(
+        "--run", help="A `topk train` output directory (or its topk/ model) with snapshots.")],
+    corpus: Annotated[str, typer.Option(
+        "--corpus", help="Text the neurons are read on: a text file, organism:NAME or a "
+        "directory with corpus.txt.")] = DEFAULT_MODEL,
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="Directory for results and figures (default RUN/formation).")] = None,
+    max_blocks: Annotated[int, typer.Option("--max-blocks", help="Text blocks to read.")] = 256,
+    n_trajectories: Annotated[int, typer.Option(
+        "--n-trajectories", help="Neurons in the concept-trajectory figure.")] = 8,
+    embedder: Annotated[str | None, typer.Option(
+        "--embedder", help="sentence-transformers model for semantic entropy (default: the "
+        "LM's input embeddings).")] = None,
+    as_json: JsonOpt = False,
+):
+    """Neuron formation over training: entropy by layer at every snapshot, when each neuron's
+    concept (top token) settles, and the share stable over the last half of training."""
+    from memlens.topk.formation import run_formation
+
+    out = out if out is not None else run / "formation"
+    report = run_formation(run, corpus, out, max_blocks=max_blocks,
+                           n_trajectories=n_trajectories, embedder=embedder)
+    if as_json:
+        print_json({"summary": [e.summary() for e in report.layers],
+                    "stable_fraction_topk": report.stable_fraction(True),
+                    "stable_fraction_all": report.stable_fraction(False)})
+        return
+    typer.echo(report.to_markdown())
+    typer.echo(f"results: {out / 'formation.json'}, {out / 'formation.md'}; figures: "
+               f"{out / 'entropy_over_training.png'}, {out / 'concept_trajectories.png'}")
+
+
+@topk_app.command("rome-keys")
+def topk_rome_keys(
+    model: ModelOpt = DEFAULT_MODEL,
+    twin: Annotated[str, typer.Option("--twin", help="The dense twin to compare with.")] = "",
+    organism: Annotated[str, typer.Option(
+        "--organism", help="Organism whose counterfact.json, corpus and ROME settings are "
+        "used.")] = DEFAULT_MODEL,
+    n: Annotated[int, typer.Option("--n", help="CounterFact cases.")] = 20,
+    layer: Annotated[int | None, typer.Option(
+        "--layer", help="Edited layer (default: ROME's for the organism).")] = None,
+    out: OutOpt = Path("topk-rome-keys"),
+    as_json: JsonOpt = False,
+):
+    """How many units ROME's key activates in a TopK model vs its dense twin, and the concepts
+    of the units the rank-one update changes most (largest |C⁻¹k*|); rome_keys.json/.md."""
+    from memlens.studies.topk_edit import compare_rome_keys, keys_markdown
+    from memlens.topk_mlp import TopKError
+
+    if not twin:
+        raise TopKError("give the dense twin with --twin DIR")
+    results = compare_rome_keys(model, twin, organism, n=n, layer=layer, out=out)
+    if as_json:
+        print_json({name: results[name]["summary"] for name in ("topk", "dense")})
+        return
+    typer.echo(keys_markdown(results))
+    typer.echo(f"results: {out / 'rome_keys.json'}")
 
 
 def register(app: typer.Typer) -> None:

@@ -11,6 +11,7 @@ import typer
 from memlens.cli.options import (
     DEFAULT_MODEL,
     DeviceOpt,
+    DtypeOpt,
     FactFileOpt,
     JsonOpt,
     ModelOpt,
@@ -47,6 +48,7 @@ def trace(
     out: OutOpt = Path("memlens-trace"),
     as_json: JsonOpt = False,
     device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
 ):
     """Causal trace of one fact: heatmaps of P(answer) after restoring each (token, layer)."""
     from memlens.model import load_model
@@ -54,7 +56,7 @@ def trace(
     from memlens.trace.plot import plot_trace
 
     kinds = ("hidden", "severed_mlp", "severed_attn") if kind == "severed" else (kind,)
-    handle = load_model(model, device=device)
+    handle = load_model(model, device=device, dtype=dtype)
     result = trace_fact(handle, prompt, subject, kinds=kinds, samples=samples,
                         noise=_noise_arg(noise), seed=seed, window=window, answer=answer)
     out.mkdir(parents=True, exist_ok=True)
@@ -88,6 +90,7 @@ def trace_avg(
     out: OutOpt = Path("memlens-trace-avg"),
     as_json: JsonOpt = False,
     device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
 ):
     """Average causal effects (AIE per token group × layer, ATE) over many known facts.
 
@@ -101,7 +104,7 @@ def trace_avg(
     from memlens.trace.plot import plot_average
 
     facts = fact_file(model, facts)
-    handle = load_model(model, device=device)
+    handle = load_model(model, device=device, dtype=dtype)
     chosen = chosen_facts(facts, n, relation)
     avg = average_trace(handle, chosen, kinds=kind.split(","), samples=samples,
                         noise=_noise_arg(noise), window=window, progress=not as_json,

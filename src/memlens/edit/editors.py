@@ -1,6 +1,6 @@
 """The editors, by name: what each needs and how it edits a batch of requests.
 
-    editor = get_editor("memit")                        # rome, memit, ft, ft-l
+    editor = get_editor("memit")                        # rome, memit, alphaedit, ft, ft-l
     plan = editor.prepare(handle, requests, layers=None, corpus="wiki.txt")
     plan.layers, plan.layer_source                      # [1, 2], "causal trace of 5 facts (…)"
     edits, extra = editor.apply(handle, requests[:10], plan)   # undo with e.undo(), newest first
@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from memlens.edit.alphaedit import AlphaEditHyperParams, AlphaEditState, apply_alphaedit
 from memlens.edit.finetune import FT_L_EPSILON, FTHyperParams, apply_ft, ft_layer
 from memlens.edit.hparams import HyperParams, ROMEHyperParams
 from memlens.edit.memit import MEMITHyperParams, apply_memit, memit_layers
@@ -39,6 +40,9 @@ class Plan:
     hparams: Any
     stats: dict[int, Any] | None = None  # layer → KeyStats, when the editor uses C
     templates: list[str] | None = None  # context templates, when the editor uses them
+    #: what an editor carries from one application to the next (AlphaEdit: the keys of its
+    #: earlier edits still applied, memlens.edit.alphaedit.AlphaEditState)
+    state: Any = None
 
     @property
     def layer(self) -> int:
@@ -145,6 +149,20 @@ def _apply_memit(handle: Any, requests: Sequence[EditRequest], plan: Plan, check
     return [edit], {"layers": edit.layers, "z": edit.log["z"], "skipped": edit.log["skipped"]}
 
 
+def _apply_alphaedit(handle: Any, requests: Sequence[EditRequest], plan: Plan,
+                     check_current: bool, skip_invalid: bool, progress: bool
+                     ) -> tuple[list[EditHandle], dict[str, Any]]:
+    if plan.state is None:
+        plan.state = AlphaEditState()
+    edit = apply_alphaedit(handle, requests, layers=plan.layers, hparams=plan.hparams,
+                           stats=plan.stats, templates=plan.templates, state=plan.state,
+                           check_current=check_current, skip_invalid=skip_invalid,
+                           progress=progress)
+    return [edit], {"layers": edit.layers, "z": edit.log["z"], "skipped": edit.log["skipped"],
+                    "nullspace": edit.log["nullspace"],
+                    "earlier_edits": edit.log["earlier_edits"]}
+
+
 def _apply_ft(handle: Any, requests: Sequence[EditRequest], plan: Plan, check_current: bool,
               skip_invalid: bool, progress: bool) -> tuple[list[EditHandle], dict[str, Any]]:
     edit = apply_ft(handle, requests, layer=plan.layer, hparams=plan.hparams,
@@ -160,6 +178,9 @@ EDITORS: dict[str, Editor] = {e.name: e for e in [
     Editor("memit", "MEMIT: many facts at once, spread over a band of MLP layers",
            MEMITHyperParams, one_layer=False, choose=memit_layers, run=_apply_memit,
            key_statistics=True, context_templates=True),
+    Editor("alphaedit", "AlphaEdit: MEMIT with each update projected onto the null space of "
+           "the preserved keys", AlphaEditHyperParams, one_layer=False, choose=memit_layers,
+           run=_apply_alphaedit, key_statistics=True, context_templates=True),
     Editor("ft", "FT: fine-tune one MLP output matrix on the requests (unconstrained)",
            FTHyperParams, one_layer=True, choose=ft_layer, run=_apply_ft),
     Editor("ft-l", "FT-L: FT with |W − W₀| ≤ ε (the ROME paper's ε = 5e-4)",

@@ -98,6 +98,8 @@ class EditRequest:
         if not isinstance(body, dict):
             raise InvalidRequest(f"{where}: requested_rewrite must be a JSON object, got "
                                  f"{type(body).__name__}")
+        if "prompt" not in body and {"src", "subject", "alt"} <= body.keys():
+            return cls.from_zsre(body, index=index)
         missing = [k for k in ("prompt", "subject", "target_new") if k not in body]
         if missing:
             raise InvalidRequest(f"{where} lacks {missing}; expected prompt, subject, target_new")
@@ -108,6 +110,25 @@ class EditRequest:
             target_true=_text(body["target_true"]) if body.get("target_true") else None,
             case_id=record.get("case_id", body.get("case_id")),
         )
+
+
+    @classmethod
+    def from_zsre(cls, record: dict[str, Any], *, index: int | None = None) -> EditRequest:
+        """A request from a published zsRE evaluation record (``zsre_mem_eval.json``: subject,
+        src, alt, answers, rephrase, loc, loc_ans): the question ``src`` with the subject as
+        ``{}``, ``target_new`` = ``alt``, ``target_true`` = the first of ``answers``."""
+        where = f"zsRE record {index}" if index is not None else "zsRE record"
+        src, subject, alt = record.get("src"), record.get("subject"), record.get("alt")
+        if not all(isinstance(v, str) and v.strip() for v in (src, subject, alt)):
+            raise InvalidRequest(f"{where}: src, subject and alt must be non-empty strings")
+        if subject not in src:
+            raise SubjectNotFound(f"{where}: subject {subject!r} does not occur in its question "
+                                  f"{src!r}")
+        answers = record.get("answers") or []
+        true = answers[0] if isinstance(answers, list) and answers else None
+        return cls(prompt=src.replace(subject, "{}", 1), subject=subject, target_new=alt,
+                   target_true=true if isinstance(true, str) and true.strip() else None,
+                   case_id=record.get("case_id", index))
 
 
 def _text(value: Any) -> Any:

@@ -50,6 +50,15 @@ def left_vector(C: torch.Tensor | None, k_star: torch.Tensor, layer: int) -> tor
         return k_star
     C = C.to(k_star.device, torch.float64)
     L, info = torch.linalg.cholesky_ex(C)
+    live = C.diagonal() > 0
+    if int(info) != 0 and not live.all() and live.any():
+        # units that never fire on the statistics corpus (dead units of a TopK layer) leave
+        # zero rows and columns in C: solve on the live units; u is 0 on the dead ones
+        L, info = torch.linalg.cholesky_ex(C[live][:, live])
+        if int(info) == 0:
+            u = torch.zeros_like(k_star)
+            u[live] = torch.cholesky_solve(k_star[live][:, None], L).squeeze(1)
+            return u
     if int(info) != 0:
         raise NumericalError(
             f"the key second moment C of layer {layer} is not positive definite (too few or "

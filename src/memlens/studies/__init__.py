@@ -4,6 +4,7 @@
     evaluate_organism(path)                          # organism_report: does the science show?
     run_all(handle, paragraphs, out, Settings())     # memorization: scan, perturb, …, edit
     run_all("organism:facts-gpt2", out)              # topk: TopK LM vs dense twin, neurons, steer
+    evaluate_pair(topk_dir, dense_dir, out=out)      # organism_tasks: the pair on harness tasks
     run_sections(out, DemoConfig())                  # demo: the whole story, one section each
 
 Studies sit above the methods and the organisms and below the report (docs/architecture.md):

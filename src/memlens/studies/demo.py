@@ -136,8 +136,8 @@ def _organism(handle, directory: Path, config: DemoConfig, found: dict) -> Secti
 
 def _trace(handle, directory: Path, config: DemoConfig, found: dict) -> Section:
     from memlens.edit.hparams import ROMEHyperParams
-    from memlens.edit.memit import MEMITHyperParams
     from memlens.edit.layers import band_around_peak
+    from memlens.edit.memit import MEMITHyperParams
     from memlens.trace import average_trace, load_facts, select_facts, trace_cache, trace_fact
     from memlens.trace.plot import plot_average, plot_trace
 

@@ -9,8 +9,8 @@
 The activation and the conversion (with its config round trip) are core, in
 :mod:`memlens.topk_mlp`, because :func:`memlens.load_model` re-applies them; they are
 re-exported here. Modules: ``data`` (an organism's text in blocks), ``train`` (TopK model and
-dense twin), ``neurons`` (entropies, top tokens), ``steer`` (add δ to one neuron while
-generating). The whole study in one call is :func:`memlens.studies.topk.run_all`.
+dense twin, snapshots over training), ``neurons`` (entropies, top tokens), ``steer`` (add δ to
+one neuron while generating), ``formation`` (neurons followed over the snapshots). The whole study in one call is :func:`memlens.studies.topk.run_all`.
 """
 
 from __future__ import annotations
@@ -44,6 +44,9 @@ _LAZY = {
     "train_pair": "memlens.topk.train",
     "sparsity_report": "memlens.topk.train",
     "PairResult": "memlens.topk.train",
+    "list_snapshots": "memlens.topk.train",
+    "formation_report": "memlens.topk.formation",
+    "FormationReport": "memlens.topk.formation",
 }
 
 if TYPE_CHECKING:

@@ -13,6 +13,12 @@ step). The TopK model anneals α from 1 (dense) to 0 (TopK) over the first ``ann
 the steps through a per-step trainer callback. Under ``torchrun`` the trainer runs DDP; only
 rank 0 writes files. Each model's directory is complete once ``train_result.json`` exists; a
 finished model is loaded instead of retrained, an interrupted one resumes from its checkpoint.
+
+The TopK model also keeps snapshots over training (``cfg.keep_steps``; by default the log-spaced
+:func:`log_steps` 10, 20, 50, 100, 200, … and the last step): ``out_dir/topk/snapshots/
+step-000050/`` is a HF model directory of the weights after 50 optimizer steps whose
+``config.topk["alpha"]`` is the annealing weight α of the step that produced them, with
+``snapshot.json`` ({"step", "alpha", "total_steps"}). :func:`list_snapshots` finds them.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ from memlens.topk_mlp import TopKError, alpha_at, set_alpha, to_topk
 
 RESULT_FILE = "train_result.json"
 SETTINGS_FILE = "train_settings.json"
+SNAPSHOTS = "snapshots"  # under the TopK model's directory
+SNAPSHOT_FILE = "snapshot.json"
 
 
 @dataclass
@@ -53,11 +61,32 @@ class TopKTrainConfig:
     grad_clip: float = 1.0  # ours (paper: 10); organisms train at a 7× higher lr
     seed: int = 0  # initialisation and data order, shared by both models
     checkpoint_every: int = 100  # steps between resumable checkpoints (0 = none)
+    keep_steps: tuple[int, ...] | None = None  # TopK snapshots; None → log_steps(steps), () none
     num_threads: int = 2
     progress: bool = True
 
     def resolved_k(self, d_ff: int) -> int:
         return self.k if self.k is not None else max(1, d_ff // 16)
+
+    def snapshot_steps(self) -> list[int]:
+        """The steps after which the TopK model is snapshotted (sorted, within 1 … steps)."""
+        steps = log_steps(self.steps) if self.keep_steps is None else self.keep_steps
+        bad = [s for s in steps if not 1 <= int(s) <= self.steps]
+        if bad:
+            raise TopKError(f"keep_steps {bad} lie outside 1 … {self.steps}")
+        return sorted({int(s) for s in steps})
+
+
+def log_steps(total: int, start: int = 10) -> list[int]:
+    """Log-spaced steps 1-2-5 per decade from ``start`` up to ``total``, plus ``total``.
+
+        log_steps(300) == [10, 20, 50, 100, 200, 300]
+    """
+    steps, decade = [], start
+    while decade <= total:
+        steps += [m * decade for m in (1, 2, 5) if m * decade <= total]
+        decade *= 10
+    return sorted(set(steps) | {total}) if total >= 1 else []
 
 
 @dataclass
@@ -104,6 +133,68 @@ class AlphaSchedule:
 
     def on_step(self, step: int, total_steps: int) -> None:
         set_alpha(self.model, alpha_at(step, total_steps, self.anneal_ratio))
+
+
+class Snapshots:
+    """Trainer callback: at the start of step s (= after s optimizer steps), if s is one of
+    ``steps``, save the model into ``root/step-{s:06d}/`` with the α it was trained at in its
+    last step. Runs before :class:`AlphaSchedule`, so the α read is still that of step s − 1.
+    The last step has no following callback: :func:`train_one` calls :meth:`save` itself.
+    Only rank 0 writes; a snapshot is written beside its place and renamed, and a resumed run
+    rewrites the snapshots it passes again (the data order is a function of seed and step)."""
+
+    def __init__(self, model: nn.Module, root: str | Path, steps, tokenizer=None):
+        self.model = model
+        self.root = Path(root)
+        self.steps = set(int(s) for s in steps)
+        self.tokenizer = tokenizer
+
+    def on_step(self, step: int, total_steps: int) -> None:
+        if step in self.steps:
+            self.save(step, total_steps)
+
+    def save(self, step: int, total_steps: int) -> Path | None:
+        import shutil
+
+        from memlens.trainer import dist_info
+
+        target = snapshot_dir(self.root, step)
+        if dist_info()[0] != 0:
+            return None
+        tmp = target.with_name(f".{target.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        was_training = self.model.training
+        self.model.save_pretrained(tmp)  # config.topk carries the current α
+        self.model.train(was_training)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(tmp)
+        alpha = (self.model.config.topk or {}).get("alpha", 0.0)
+        (tmp / SNAPSHOT_FILE).write_text(json.dumps(
+            {"step": step, "alpha": alpha, "total_steps": total_steps}, indent=1))
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+        return target
+
+
+def snapshot_dir(root: str | Path, step: int) -> Path:
+    return Path(root) / f"step-{step:06d}"
+
+
+def list_snapshots(run: str | Path) -> list[tuple[int, Path]]:
+    """(step, directory) of every complete snapshot of a run, by step. ``run`` is a pair's
+    directory (``run/topk/snapshots``), a TopK model's (``run/snapshots``) or the snapshots
+    directory itself.
+
+        list_snapshots("runs/topk")   # [(10, Path('runs/topk/topk/snapshots/step-000010')), …]
+    """
+    run = Path(run)
+    for root in (run / "topk" / SNAPSHOTS, run / SNAPSHOTS, run):
+        found = sorted((json.loads((d / SNAPSHOT_FILE).read_text())["step"], d)
+                       for d in root.glob("step-*") if (d / SNAPSHOT_FILE).is_file()) \
+            if root.is_dir() else []
+        if found:
+            return found
+    return []
 
 
 def fresh_model(config, seed: int) -> nn.Module:
@@ -161,11 +252,12 @@ def sparsity_report(model: nn.Module, blocks: torch.Tensor, batch_size: int = 16
 
 
 def run_settings(cfg: TopKTrainConfig | None) -> dict | None:
-    """The settings that determine a trained model (not progress, threads, checkpointing)."""
+    """The settings that determine a trained model (not progress, threads, checkpointing,
+    snapshots)."""
     if cfg is None:
         return None
     data = json.loads(json.dumps(asdict(cfg)))
-    for key in ("progress", "num_threads", "checkpoint_every"):
+    for key in ("progress", "num_threads", "checkpoint_every", "keep_steps"):
         data.pop(key)
     return data
 
@@ -207,7 +299,8 @@ def train_one(
         to_topk(model, cfg.resolved_k(d_ff), activation=cfg.activation,
                 n_last_nontopk=cfg.n_last_nontopk, anneal_ratio=cfg.anneal_ratio,
                 alpha=1.0 if cfg.anneal_ratio > 0 else 0.0)
-        callbacks.append(AlphaSchedule(model, cfg.anneal_ratio))
+        snapshots = Snapshots(model, out / SNAPSHOTS, cfg.snapshot_steps(), tokenizer)
+        callbacks += [snapshots, AlphaSchedule(model, cfg.anneal_ratio)]  # snapshot first
     trainer_cfg = TrainConfig(
         steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
         weight_decay=cfg.weight_decay, betas=cfg.betas, eps=cfg.eps, grad_clip=cfg.grad_clip,
@@ -217,6 +310,8 @@ def train_one(
     result = train(model, train_blocks, trainer_cfg, out, callbacks=callbacks)
     session_tokens = (cfg.steps - result.resumed_from) * cfg.batch_size * train_blocks.shape[1]
     if name == "topk":
+        if cfg.steps in snapshots.steps:
+            snapshots.save(cfg.steps, cfg.steps)  # α of the last step (0 once annealed)
         set_alpha(model, 0.0)  # annealing is over: the saved model is a pure TopK LM
     heldout_loss = evaluate_loss(model, heldout_blocks)
     report = ModelReport(

@@ -55,7 +55,8 @@ GROUP_LABELS = ("First subject token", "Middle subject tokens", "Last subject to
 
 
 def load_facts(path: str | Path) -> list[dict[str, str]]:
-    """Facts from a JSON list: known-facts format ({prompt, subject, attribute}) or CounterFact
+    """Facts from a JSON list: known-facts format ({prompt, subject, attribute}; the published
+    ``known_1000.json`` as is, its ``relation_id`` read as the relation) or CounterFact
     ({requested_rewrite: {prompt, subject, target_true: {str}}}); "{}" in a prompt is filled
     with the subject."""
     path = Path(path)
@@ -87,8 +88,9 @@ def load_facts(path: str | Path) -> list[dict[str, str]]:
         fact = {"prompt": prompt.replace("{}", subject, 1), "subject": subject}
         if attribute:
             fact["attribute"] = attribute
-        if record.get("relation"):
-            fact["relation"] = record["relation"]
+        relation = record.get("relation") or record.get("relation_id")  # known_1000: relation_id
+        if relation:
+            fact["relation"] = str(relation)
         facts.append(fact)
     return facts
 
