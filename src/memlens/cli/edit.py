@@ -18,6 +18,7 @@ from memlens.cli.options import (
     JsonOpt,
     LayerOpt,
     ModelOpt,
+    SkipInvalidOpt,
     console,
     print_json,
 )
@@ -185,8 +186,7 @@ def edit_memit(
     n: NOpt = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Edits per sequential "
                                                    "MEMIT batch (default: all at once).")] = None,
-    skip_invalid: Annotated[bool, typer.Option("--skip-invalid", help="Drop requests the model "
-                                               "already satisfies instead of failing.")] = False,
+    skip_invalid: SkipInvalidOpt = False,
     hparams_file: HParamsOpt = None,
     corpus: CorpusOpt = None,
     save: SaveOpt = None,
@@ -232,8 +232,7 @@ def edit_alphaedit(
                                                     "of C below this span the null space "
                                                     "(default 2e-2, the reference's).")]
     = None,
-    skip_invalid: Annotated[bool, typer.Option("--skip-invalid", help="Drop requests the model "
-                                               "already satisfies instead of failing.")] = False,
+    skip_invalid: SkipInvalidOpt = False,
     hparams_file: HParamsOpt = None,
     corpus: CorpusOpt = None,
     save: SaveOpt = None,

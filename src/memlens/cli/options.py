@@ -49,6 +49,8 @@ DataOpt = Annotated[str | None, typer.Option("--data", help="CounterFact JSON (d
 AllowNoEffectOpt = Annotated[bool, typer.Option(
     "--allow-no-effect", help="Keep (and --save) an edit that did not take: P(target_new) did "
     "not rise, target_new is not preferred, or the optimisation loss did not fall.")]
+SkipInvalidOpt = Annotated[bool, typer.Option(
+    "--skip-invalid", help="Drop requests the model already satisfies instead of failing.")]
 FactFileOpt = Annotated[Path | None, typer.Option("--facts", help="JSON list of facts "
                                                   "(known-facts or CounterFact format); "
                                                   "default: the organism's known_facts.json.")]
