@@ -250,6 +250,27 @@ def test_unlearning_synthetic_memorization_lowers_mp_em_more_than_nmp(handles):
     assert all(torch.equal(v, state[k]) for k, v in handle.model.state_dict().items())
 
 
+def test_compare_methods_measures_the_start_once_and_keeps_only_the_kept_edit(handles,
+                                                                            monkeypatch):
+    import memlens.memorization.sparse as sparse
+
+    handle = handles["gpt2"]
+    mp, nmp = synthetic(handle)
+    state = {k: v.clone() for k, v in handle.model.state_dict().items()}
+    calls = []
+    real_measure = sparse.measure
+    monkeypatch.setattr(sparse, "measure", lambda *a, **k: calls.append(1) or real_measure(*a, **k))
+    results = sparse.compare_methods(handle, paragraph_tensor(mp), paragraph_tensor(nmp),
+                                     keep="sparse", prefix_len=P, fraction=0.01, lr=1e-2, steps=2)
+    assert [r.method for r in results] == ["sparse", "random", "full"]
+    assert len(calls) == 1 + 3  # the start once, then after each method
+    assert all(r.before == results[0].before for r in results)
+    assert results[0].edit is not None and handle.model.state_dict().keys() == state.keys()
+    assert any(not torch.equal(v, state[k]) for k, v in handle.model.state_dict().items())
+    results[0].edit.undo()
+    assert all(torch.equal(v, state[k]) for k, v in handle.model.state_dict().items())
+
+
 def test_contrastive_keep_is_zero_before_any_update(handles):
     handle = handles["llama"]
     mp, nmp = synthetic(handle, n=2)

@@ -232,11 +232,13 @@ def run_update(
     pmp_ids: torch.Tensor | None = None, prefix_len: int = PREFIX_LEN,
     fraction: float = FRACTION, lr: float = LR, steps: int = STEPS,
     weight_decay: float = WEIGHT_DECAY, heldout: torch.Tensor | None = None, seed: int = 0,
-    keep: bool = True,
+    keep: bool = True, before: dict[str, float] | None = None,
 ) -> UpdateResult:
     """Build the CO, choose the mask, update, and measure before/after.
 
-    With ``keep=False`` the edit is undone before returning (for comparisons).
+    With ``keep=False`` the edit is undone before returning (for comparisons). ``before``:
+    the metrics of the current weights when they were measured already with the same data
+    (:func:`compare_methods` measures them once for all methods).
 
     Example::
 
@@ -246,8 +248,9 @@ def run_update(
     objective = ContrastiveObjective.build(handle.model, mp_ids, nmp_ids, prefix_len=prefix_len,
                                            mode=mode, pmp_ids=pmp_ids)
     target = objective.change_ids if mode == "edit" else None
-    before = measure(handle, mp_ids, nmp_ids, prefix_len=prefix_len, heldout=heldout,
-                     target_ids=target)
+    if before is None:
+        before = measure(handle, mp_ids, nmp_ids, prefix_len=prefix_len, heldout=heldout,
+                         target_ids=target)
     mask = gradient_mask(handle, objective, fraction=fraction, method=method, seed=seed)
     edit, log = sparse_update(handle, objective, mask, lr=lr, steps=steps,
                               weight_decay=weight_decay)
@@ -260,16 +263,26 @@ def run_update(
 
 def compare_methods(
     handle, mp_ids: torch.Tensor, nmp_ids: torch.Tensor, *,
-    methods: tuple[Method, ...] = ("sparse", "random", "full"), **kwargs: Any,
+    methods: tuple[Method, ...] = ("sparse", "random", "full"), keep: Method | None = None,
+    **kwargs: Any,
 ) -> list[UpdateResult]:
-    """:func:`run_update` for each method from the same starting weights (undone in between).
+    """:func:`run_update` for each method from the same starting weights, in ``methods``'
+    order; each is undone except ``keep``, which runs last and stays applied. The starting
+    weights are measured once.
 
     Example::
 
         for r in compare_methods(handle, mp_ids, nmp_ids, lr=1e-3, steps=10):
             print(r.method, r.before["mp_em"], r.after["mp_em"])
     """
-    return [run_update(handle, mp_ids, nmp_ids, method=m, keep=False, **kwargs) for m in methods]
+    by_method: dict[str, UpdateResult] = {}
+    before = None
+    for method in sorted(methods, key=lambda m: m == keep):  # the kept edit runs last
+        result = run_update(handle, mp_ids, nmp_ids, method=method, keep=method == keep,
+                            before=before, **kwargs)
+        before = result.before
+        by_method[method] = result
+    return [by_method[m] for m in methods]
 
 
 def save_model(handle, directory: str | Path, edit: EditHandle) -> Path:

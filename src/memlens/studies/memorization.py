@@ -31,7 +31,7 @@ from memlens.memorization.sparse import (
     STEPS,
     WEIGHT_DECAY,
     UpdateResult,
-    run_update,
+    compare_methods,
 )
 
 
@@ -168,14 +168,11 @@ def run_updates(handle, paragraphs, out: Path, s: Settings, *,
         if perturb_result is None or perturb_result.ids != [p.id for p in mp]:
             perturb_result = run_perturb(handle, paragraphs, out, s, scan_result)
         pmp_ids = perturb_result.pmp_ids
-    heldout = heldout_blocks(handle, mp_ids.shape[1])
-    by_method = {}
-    for method in sorted(methods, key=lambda m: m == keep):  # the kept edit runs last
-        by_method[method] = run_update(
-            handle, mp_ids, nmp_ids, method=method, mode=mode, pmp_ids=pmp_ids,
-            prefix_len=s.prefix_len, fraction=s.fraction, lr=s.lr, steps=s.steps,
-            weight_decay=s.weight_decay, heldout=heldout, seed=s.seed, keep=method == keep)
-    results = [by_method[m] for m in methods]
+    results = compare_methods(
+        handle, mp_ids, nmp_ids, methods=methods, keep=keep, mode=mode, pmp_ids=pmp_ids,
+        prefix_len=s.prefix_len, fraction=s.fraction, lr=s.lr, steps=s.steps,
+        weight_decay=s.weight_decay, heldout=heldout_blocks(handle, mp_ids.shape[1]),
+        seed=s.seed)
     _write(out, f"{mode}.json", {"n_mp": len(mp), "n_nmp": len(nmp),
                                  "results": [r.to_dict(handle) for r in results]})
     plots.plot_updates(results, out / f"{mode}.png")
