@@ -249,6 +249,9 @@ def test_cases_are_read_one_relation_at_a_time(tmp_path):
     cases = load_counterfact(tmp_path / "cf.json")
     assert [c.case_id for c in cases] == [10, 13, 14, 11, 15, 12]
     assert [c.relation_id for c in load_counterfact(tmp_path / "cf.json", n=3)] == ["P1", "P2", "P3"]
+    shuffled = [c.case_id for c in load_counterfact(tmp_path / "cf.json", shuffle=1)]
+    assert sorted(shuffled) == sorted(c.case_id for c in cases) and shuffled != [10, 13, 14, 11, 15, 12]
+    assert [c.case_id for c in load_counterfact(tmp_path / "cf.json", n=4, shuffle=1)] == shuffled[:4]
 
 
 @pytest.mark.parametrize("generation", ["--generation", "--no-generation"])

@@ -45,6 +45,9 @@ def bench_edits_cmd(
     rounds: Annotated[int, typer.Option("--rounds", help="Rounds (--sequential).")] = 5,
     unrelated: Annotated[int, typer.Option("--unrelated", help="Held-out cases whose known "
                                            "facts measure 'unrelated' (--sequential).")] = 100,
+    shuffle: Annotated[int | None, typer.Option("--shuffle", help="Take the cases in a random "
+                                                "order drawn with this seed (default: the "
+                                                "file's, relations in turn).")] = None,
     as_json: JsonOpt = False,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
@@ -59,7 +62,7 @@ def bench_edits_cmd(
     from memlens.studies.scaling import bench_edits, parse_sizes
 
     handle = load_model(model, device=device, dtype=dtype)
-    cases = load_counterfact(resolve_data(data, handle))
+    cases = load_counterfact(resolve_data(data, handle), shuffle=shuffle)
     if sequential:
         _sequential(handle, cases, methods, batch_size, rounds, layers, layer, corpus, ge_cases,
                     unrelated, out, as_json)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -96,13 +97,17 @@ def resolve_data(data: str | Path | None, handle: Any = None) -> Path:
     return path
 
 
-def load_counterfact(data: str | Path, n: int | None = None) -> list[CounterFactCase]:
+def load_counterfact(data: str | Path, n: int | None = None,
+                     shuffle: int | None = None) -> list[CounterFactCase]:
     """The first ``n`` (all if None) cases of a CounterFact JSON file (a list of records,
     public or organism schema), with relations taken in turn.
 
     Cases are read in round-robin order over their ``relation_id`` (order kept within a
     relation): organism files are grouped by relation, so "the first 100 cases" would otherwise
-    all be ``city_country``. ``case_id`` is kept, so results still name the file's cases.
+    all be ``city_country``. ``shuffle`` (a seed) takes them in a random order instead, the
+    same for a seed: a random sample of a file whose subjects have several cases each (the
+    organisms' four facts per country and person) rarely edits one subject twice, as the first
+    cases in relation order would. ``case_id`` is kept, so results still name the file's cases.
     """
     path = resolve_data(data)
     try:
@@ -112,6 +117,8 @@ def load_counterfact(data: str | Path, n: int | None = None) -> list[CounterFact
     if not isinstance(records, list):
         raise MemlensError(f"{path}: expected a JSON list of CounterFact records")
     cases = _relations_in_turn([CounterFactCase.from_record(r, i) for i, r in enumerate(records)])
+    if shuffle is not None:
+        random.Random(shuffle).shuffle(cases)
     return cases[:n] if n is not None else cases
 
 
