@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench notebooks clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,11 +22,15 @@ test: $(STAMP)
 
 # ruff, and the import contract of docs/architecture.md (also part of `make test`)
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_architecture.py
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
+
+# re-execute examples/*.ipynb on the default organism and store their outputs in place
+notebooks: $(STAMP)
+	$(BIN)/python examples/run_notebooks.py
 
 clean:
 	rm -rf $(VENV) memlens-report .pytest_cache

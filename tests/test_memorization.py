@@ -362,6 +362,26 @@ def test_run_all_writes_summary_and_figures(handles, tmp_path):
     assert all(torch.equal(v, state[k]) for k, v in handle.model.state_dict().items())
 
 
+def test_plots_without_a_path_return_the_figure(handles, tmp_path, monkeypatch):
+    """Notebooks: a plot function called without a path returns the Figure (not kept open by
+    pyplot) and writes nothing; with a path it writes the file and returns the path."""
+    from matplotlib.figure import Figure
+
+    from memlens.figures import pyplot
+    from memlens.memorization.plots import plot_scan
+
+    monkeypatch.chdir(tmp_path)
+    handle = handles["gpt2"]
+    mp, nmp = synthetic(handle, n=2)
+    result = scan(handle, mp + nmp, prefix_len=P, nmp_max_em=2)
+    open_before = set(pyplot().get_fignums())
+    fig = plot_scan(result)
+    assert isinstance(fig, Figure) and len(fig.axes) == 2
+    assert set(pyplot().get_fignums()) == open_before and not list(tmp_path.iterdir())
+    assert plot_scan(result, tmp_path / "scan.png") == tmp_path / "scan.png"
+    assert (tmp_path / "scan.png").stat().st_size > 0
+
+
 def test_save_model_never_overwrites_and_keeps_the_edit_log(handles, tmp_path):
     handle = handles["gpt2"]
     mp, nmp = synthetic(handle, n=2)

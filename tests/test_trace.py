@@ -246,3 +246,25 @@ def test_default_window_is_the_papers_on_deep_models_and_scaled_on_shallow_ones(
     assert [default_window(n) for n in (48, 28, 27, 12, 6)] == [10, 10, 6, 2, 1]
     result = trace_fact(sharp_handle, PROMPT, SUBJECT, kinds=("mlp",), samples=2)
     assert result.window == default_window(sharp_handle.n_layers)
+
+
+def test_plots_without_a_directory_return_one_figure(gpt2, tmp_path, monkeypatch):
+    """Notebooks: ``plot_trace(result)`` / ``plot_average(avg)`` return one matplotlib Figure
+    (every kind side by side; heatmaps above the line plots), released from pyplot, and write
+    nothing."""
+    from matplotlib.figure import Figure
+
+    from memlens.figures import pyplot
+    from memlens.trace.plot import plot_average, plot_trace
+
+    monkeypatch.chdir(tmp_path)
+    open_before = set(pyplot().get_fignums())
+    result = trace_fact(gpt2, PROMPT, SUBJECT, **FAST)
+    fig = plot_trace(result)
+    assert isinstance(fig, Figure) and len(fig.axes) == 2 * len(result.scores)  # + colorbars
+    avg = average_trace(gpt2, [{"prompt": PROMPT, "subject": SUBJECT}], progress=False, **FAST)
+    fig2 = plot_average(avg)
+    assert isinstance(fig2, Figure) and len(fig2.axes) == 2 * len(avg.kinds) + 2
+    assert set(pyplot().get_fignums()) == open_before
+    fig2.savefig(tmp_path / "avg.png")  # still drawable
+    assert [p.name for p in tmp_path.iterdir()] == ["avg.png"]

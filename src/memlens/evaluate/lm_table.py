@@ -19,11 +19,14 @@ import math
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from memlens.evaluate.harness import HELDOUT, Measure
-from memlens.figures import pyplot, save_figure
+from memlens.figures import finish_figure, pyplot
 from memlens.missing import format_value, is_missing, missing
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 @dataclass
@@ -152,7 +155,7 @@ def _gap(row: MetricRow, a: Measure | None, b: Measure | None, metric: str) -> N
         row.gap_stderr = missing("no per-item values and no standard error of a model")
 
 
-def plot_table(table: EvalTable, path: str | Path) -> Path:
+def plot_table(table: EvalTable, path: str | Path | None = None) -> Path | Figure:
     """Bars per (task, metric) and model with ±1 standard error: accuracies left, perplexities
     (log scale) right.
 
@@ -179,7 +182,7 @@ def plot_table(table: EvalTable, path: str | Path) -> Path:
         ax.legend()
     fig.suptitle(" vs ".join(m["label"] for m in table.models.values()) + " (±1 s.e.)")
     fig.tight_layout()
-    return save_figure(fig, path)
+    return finish_figure(fig, path)
 
 
 def _log_axis(ax) -> None:

@@ -5,6 +5,7 @@
     plot_attribution(attribution_result, out / "attribution.png")
     plot_heads(heads_result, out / "heads.png"); plot_kq(scores, tokens, out / "kq.png")
     plot_updates(update_results, out / "unlearn.png")
+    fig = plot_scan(scan_result)                      # no path: the Figure (inline in Jupyter)
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from memlens.figures import pyplot, save_figure
+from memlens.figures import finish_figure, pyplot
 
 if TYPE_CHECKING:
     import torch
+    from matplotlib.figure import Figure
 
     from memlens.memorization.attribute import AttributionResult
     from memlens.memorization.heads import HeadsResult
@@ -24,12 +26,12 @@ if TYPE_CHECKING:
     from memlens.memorization.sparse import UpdateResult
 
 
-def _save(fig, path: str | Path) -> Path:
+def _save(fig, path: str | Path | None) -> Path | Figure:
     fig.tight_layout()
-    return save_figure(fig, path)
+    return finish_figure(fig, path)
 
 
-def plot_scan(result: ScanResult, path: str | Path) -> Path:
+def plot_scan(result: ScanResult, path: str | Path | None = None) -> Path | Figure:
     """Histogram of exact-match lengths, one colour per training-repeat group; NLL vs EM."""
     plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
@@ -52,7 +54,7 @@ def plot_scan(result: ScanResult, path: str | Path) -> Path:
     return _save(fig, path)
 
 
-def plot_perturb(result: PerturbResult, path: str | Path) -> Path:
+def plot_perturb(result: PerturbResult, path: str | Path | None = None) -> Path | Figure:
     """Heatmap of EM drop (paragraphs × prefix positions) and its mean per position."""
     plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(11, 6), height_ratios=[3, 1], sharex=True)
@@ -74,7 +76,7 @@ def _heatmap(ax, fig, values, columns, title, cmap="viridis"):
     ax.set(ylabel="layer", title=title)
 
 
-def plot_attribution(result: AttributionResult, path: str | Path) -> Path:
+def plot_attribution(result: AttributionResult, path: str | Path | None = None) -> Path | Figure:
     """Heatmaps layers × (heads of W_Q/K/V/O, W_in, W_out): MP, NMP, MP − NMP, contrastive."""
     plt = pyplot()
     panels = [(result.mp.values, "|∂NLL/∂θ| memorized (MP)", "viridis"),
@@ -96,7 +98,7 @@ def plot_attribution(result: AttributionResult, path: str | Path) -> Path:
     return _save(fig, path)
 
 
-def plot_heads(result: HeadsResult, path: str | Path) -> Path:
+def plot_heads(result: HeadsResult, path: str | Path | None = None) -> Path | Figure:
     """Heatmaps layer × head of Kendall τ(attention, frequency) and rare-token attention mass."""
     plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
@@ -117,7 +119,8 @@ def plot_heads(result: HeadsResult, path: str | Path) -> Path:
     return _save(fig, path)
 
 
-def plot_kq(scores: torch.Tensor, tokens: list[str], path: str | Path, title: str = "") -> Path:
+def plot_kq(scores: torch.Tensor, tokens: list[str], path: str | Path | None = None,
+            title: str = "") -> Path | Figure:
     """Heatmap of one head's causal KQ scores over one paragraph (query rows × key columns)."""
     plt = pyplot()
     n = len(tokens)
@@ -133,7 +136,7 @@ def plot_kq(scores: torch.Tensor, tokens: list[str], path: str | Path, title: st
     return _save(fig, path)
 
 
-def plot_updates(results: list[UpdateResult], path: str | Path) -> Path:
+def plot_updates(results: list[UpdateResult], path: str | Path | None = None) -> Path | Figure:
     """Bars of MP / NMP exact match before and after each update method."""
     plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))

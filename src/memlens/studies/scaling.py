@@ -27,7 +27,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from memlens.edit.requests import validate_request
 from memlens.errors import MemlensError
@@ -39,9 +39,12 @@ from memlens.evaluate.counterfact import (
     summarize,
 )
 from memlens.evaluate.fluency import ngram_entropy
-from memlens.figures import pyplot, save_figure
+from memlens.figures import finish_figure, pyplot
 from memlens.missing import format_value
 from memlens.scoring import generate
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 METRICS = ("Score", "ES", "PS", "NS", "GE")
 
@@ -263,9 +266,9 @@ def _append_point(out_dir: str | Path | None, key: str, method: str, n: int,
                            default=str) + "\n")
 
 
-def plot_scaling(result: ScalingResult, path: str | Path) -> Path:
+def plot_scaling(result: ScalingResult, path: str | Path | None = None) -> Path | Figure:
     """Score, ES, PS, NS and GE vs number of edits (log x), one line per method, the unedited
-    model dashed — the layout of the MEMIT paper's Fig. 5."""
+    model dashed — the layout of the MEMIT paper's Fig. 5. Without ``path``: the Figure."""
     fig, axes = pyplot().subplots(1, len(METRICS), figsize=(3.2 * len(METRICS), 3.0))
     for ax, metric in zip(axes, METRICS, strict=True):
         for method in result.methods:
@@ -280,4 +283,4 @@ def plot_scaling(result: ScalingResult, path: str | Path) -> Path:
     axes[0].legend(fontsize=8)
     fig.suptitle(f"Editing {result.model}: quality vs number of edits", fontsize=10)
     fig.tight_layout()
-    return save_figure(fig, path)
+    return finish_figure(fig, path)

@@ -32,16 +32,19 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from memlens.errors import MemlensError
 from memlens.evaluate.counterfact import CounterFactCase
-from memlens.figures import pyplot, save_figure
+from memlens.figures import finish_figure, pyplot
 from memlens.ledger import EditHandle
 from memlens.scoring import score_targets
 from memlens.studies.scaling import _quality, valid_cases
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 METRICS = ("ES", "PS", "NS", "Score", "GE", "unrelated")
 
@@ -261,7 +264,7 @@ def _resume(handle: Any, plan: Any, out: Path | None, name: str, key: str, finis
     return [edit]
 
 
-def plot_sequential(result: SequentialResult, path: str | Path) -> Path:
+def plot_sequential(result: SequentialResult, path: str | Path | None = None) -> Path | Figure:
     """ES, PS, NS, Score, GE and unrelated facts kept vs number of edits, one line per
     method."""
     shown = [m for m in METRICS if any(getattr(p, m) == getattr(p, m) for p in result.points)]
@@ -278,4 +281,4 @@ def plot_sequential(result: SequentialResult, path: str | Path) -> Path:
     fig.suptitle(f"Sequential editing of {result.model}, batches of {result.batch_size}",
                  fontsize=10)
     fig.tight_layout()
-    return save_figure(fig, path)
+    return finish_figure(fig, path)

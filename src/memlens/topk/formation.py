@@ -29,11 +29,15 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from memlens.errors import MemlensError
-from memlens.figures import pyplot, save_figure
+from memlens.figures import finish_figure, pyplot
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 CRITERION = ("concept = the unit's top token (largest mean |a| per occurrence); settled at "
              "the first snapshot after which it never changes; stable = same top token at "
@@ -253,7 +257,8 @@ def formation_report(run: str | Path, blocks: torch.Tensor, *, layers: list[int]
     return formation_from_reports(reports, steps, alphas, run=str(run))
 
 
-def plot_entropy_over_training(report: FormationReport, path: str | Path) -> Path:
+def plot_entropy_over_training(report: FormationReport,
+                               path: str | Path | None = None) -> Path | Figure:
     """Mean token and semantic entropy of each layer's neurons against the training step
     (log axis); TopK layers solid, dense layers dashed.
 
@@ -278,7 +283,7 @@ def plot_entropy_over_training(report: FormationReport, path: str | Path) -> Pat
     axes[1].legend(fontsize=7)
     fig.suptitle("neuron entropy by layer over training (dotted: first snapshot with α = 0)")
     fig.tight_layout()
-    return save_figure(fig, path)
+    return finish_figure(fig, path)
 
 
 def pick_trajectories(report: FormationReport, n: int = 8) -> list[tuple[int, int]]:
@@ -307,8 +312,8 @@ def pick_trajectories(report: FormationReport, n: int = 8) -> list[tuple[int, in
     return picks
 
 
-def plot_concept_trajectories(report: FormationReport, path: str | Path,
-                              neurons: list[tuple[int, int]] | None = None) -> Path:
+def plot_concept_trajectories(report: FormationReport, path: str | Path | None = None,
+                              neurons: list[tuple[int, int]] | None = None) -> Path | Figure:
     """One row per neuron, one column per snapshot: the neuron's top token, green where it
     equals the final one, grey where it differs, white where the unit does not fire.
 
@@ -335,7 +340,7 @@ def plot_concept_trajectories(report: FormationReport, path: str | Path,
     ax.set(xlabel="training step (snapshot)", ylabel="neuron (layer:unit)",
            title="top token of each neuron over training (green: = final concept)")
     fig.tight_layout()
-    return save_figure(fig, path)
+    return finish_figure(fig, path)
 
 
 def run_formation(run: str | Path, corpus: str, out: str | Path, *, max_blocks: int = 256,

@@ -28,13 +28,17 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from memlens import hooks
 from memlens.errors import EmptyInput, UnknownName
-from memlens.figures import pyplot, save_figure
+from memlens.figures import finish_figure, pyplot
 from memlens.topk_mlp import TopKError, topk_modules
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 @dataclass
@@ -259,10 +263,12 @@ def neuron_report(
     return report
 
 
-def plot_entropy_by_layer(reports: dict[str, NeuronReport], path: str | Path) -> Path:
+def plot_entropy_by_layer(reports: dict[str, NeuronReport],
+                          path: str | Path | None = None) -> Path | Figure:
     """Mean token and semantic entropy per layer, one line per model; TopK layers shaded.
 
         plot_entropy_by_layer({"TopK": topk_report, "dense": dense_report}, "entropy.png")
+        fig = plot_entropy_by_layer({"TopK": topk_report})     # no path: the Figure
     """
     fig, axes = pyplot().subplots(1, 2, figsize=(10, 3.8))
     for name, report in reports.items():
@@ -280,4 +286,4 @@ def plot_entropy_by_layer(reports: dict[str, NeuronReport], path: str | Path) ->
         ax.legend()
     fig.suptitle("neuron entropy by layer (shaded: TopK layers)")
     fig.tight_layout()
-    return save_figure(fig, path)
+    return finish_figure(fig, path)
