@@ -334,3 +334,18 @@ def test_table_rows_put_every_object_right_after_its_subject():
     subjects = set(world.objects_by_subject())
     assert all(any(d.startswith(s + " ") for s in subjects) for d in docs)
     assert not any(" is " in d or " was " in d for d in docs)  # no template words in rows
+
+
+def test_organism_evaluation_is_computed_once_per_weights(monkeypatch, tmp_path):
+    """The demo's organism section re-reads the report of weights it evaluated before."""
+    import memlens.studies.organism_report as report
+
+    monkeypatch.setenv("MEMLENS_HOME", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(report, "evaluate_organism",
+                        lambda path: calls.append(path) or {"fact_accuracy": 0.5})
+    assert report.cached_evaluation("dir", "abc") == {"fact_accuracy": 0.5}
+    assert report.cached_evaluation("dir", "abc") == {"fact_accuracy": 0.5}
+    assert len(calls) == 1 and (tmp_path / "organism_eval" / "abc.json").is_file()
+    report.cached_evaluation("dir", "other")
+    assert len(calls) == 2

@@ -111,12 +111,12 @@ def _figures(directory: Path, names: list[Path] | list[str]) -> list[str]:
 
 
 def _organism(handle, directory: Path, config: DemoConfig, found: dict) -> Section:
-    from memlens.studies.organism_report import evaluate_organism
+    from memlens.studies.organism_report import cached_evaluation
 
     if handle.source_dir is None or not (handle.source_dir / "organism.json").exists():
         return Section(key="", title="", command="", model=config.model, status="skipped",
                        text="The model is not a memlens organism.")
-    report = evaluate_organism(handle.source_dir)
+    report = cached_evaluation(handle.source_dir, handle.fingerprint())
     (directory / "organism_eval.json").write_text(json.dumps(report, indent=1))
     memorized = report["memorized_fraction_by_repeats"]
     return Section(

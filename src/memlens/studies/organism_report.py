@@ -11,8 +11,10 @@ repeats; and, on request, the recall site from memlens' averaged causal trace.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+from memlens.cache import cache_dir
 from memlens.missing import explain, missing
 from memlens.organisms import corpus as C
 from memlens.organisms.build import (
@@ -119,6 +121,22 @@ def evaluate_organism(path: str | Path, recall_site: bool = False) -> dict:
 
 
 OLD_BUILD = "not recorded in organism.json (built by an older memlens)"
+
+
+def cached_evaluation(path: str | Path, fingerprint: str) -> dict:
+    """:func:`evaluate_organism` of ``path`` (without the recall site), computed once per
+    weights: kept in ``$MEMLENS_HOME/organism_eval/<fingerprint>.json`` (the fingerprint of
+    the loaded model, :meth:`memlens.model.ModelHandle.fingerprint`), so a second demo run
+    reads it instead of re-scoring every fact."""
+    file = cache_dir("organism_eval") / f"{fingerprint}.json"
+    if file.is_file():
+        return json.loads(file.read_text())
+    report = evaluate_organism(path)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(report, indent=1))
+    os.replace(tmp, file)
+    return report
 
 
 def recall_site_report(path: str | Path, n_facts: int = 100, *, samples: int = 10,
