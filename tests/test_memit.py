@@ -118,11 +118,17 @@ def test_memit_merges_requests_about_one_subject(gpt2, corpus):
 def test_suffix_only_passes_equal_whole_model_passes(random_handle, point):
     """Skipping the blocks below the point and the positions before the fact token (cached)
     changes nothing: same δ, same losses, same steps, on every architecture, with rows whose
-    fact tokens sit at different positions (0 included)."""
+    fact tokens sit at different positions (0 included).
+
+    At the last block's output δ at the subject reaches no target token: the NLL's gradient is
+    0 and the KL's is 0 up to rounding, which Adam's normalisation would blow up to ±lr steps,
+    so that point edits the last token, where δ moves the targets."""
     handle = random_handle
     requests = REQUESTS + [EditRequest("{} is", "Japan", "Apple")]
-    h0 = fact_token_reads(handle, requests, ["{}"], "subject_last", {point: "bare"})[point]
-    objective = DeltaObjective(weight_decay=0.0, clamp_norm_factor=50.0, steps=4, lr=0.5)
+    fact_token = "last" if point == "blocks.3.hook_resid_post" else "subject_last"
+    h0 = fact_token_reads(handle, requests, ["{}"], fact_token, {point: "bare"})[point]
+    objective = DeltaObjective(weight_decay=0.0, clamp_norm_factor=50.0, steps=4, lr=0.5,
+                               fact_token=fact_token)
     templates = ["{}", "The capital. {}", "Miles Davis plays the piano. {}"]
     targets = targets_of(handle, requests)
     fast = optimize_deltas(handle, point, requests, targets, templates, h0, objective)

@@ -123,6 +123,20 @@ def test_noise(random_handle):
         resolve_noise(random_handle, -1.0)
 
 
+def test_noise_scale_does_not_depend_on_the_thread_count(random_handle):
+    """ν enters every trace cache key: a run with another thread count must find the records."""
+    subjects = ["Miles Davis", "Tokyo", "Toulouse", "Paris"] * 400  # > torch's parallel grain
+    threads = torch.get_num_threads()
+    try:
+        scales = set()
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            scales.add(noise_scale(random_handle, subjects))
+    finally:
+        torch.set_num_threads(threads)
+    assert len(scales) == 1
+
+
 def test_best_layer_and_positions(sharp_handle):
     result = trace_fact(sharp_handle, PROMPT, SUBJECT, kinds=("mlp",), positions=[1], **FAST)
     assert np.isnan(result.scores["mlp"][0]).all() and not np.isnan(result.scores["mlp"][1]).any()

@@ -25,7 +25,12 @@ Nothing below the edited point and nothing before the fact token depends on δ, 
 each step runs only the blocks from the point up over the tokens from the fact token on
 (:class:`memlens.edit.passes.SuffixPasses`; the rest is computed once and cached);
 ``suffix_only=False`` runs the whole model each step, as the reference does
-(:class:`~memlens.edit.passes.FullPasses`).
+(:class:`~memlens.edit.passes.FullPasses`). Suffix passes also leave out what no loss reads:
+the KL prompts run in a pass of their own cut after the fact token (one column each instead
+of the template rows' width), facts are grouped by suffix width (no padding), and the last
+block's MLP runs only at the columns that predict target tokens; with fused GELU and eager
+attention on CPU (:func:`~memlens.edit.passes.fast_kernels`) the results differ from the
+reference loop's by float rounding only (tests/test_optimize.py).
 """
 
 from __future__ import annotations
@@ -94,11 +99,13 @@ class DeltaResult:
 
 @dataclass
 class _Fact:
-    """Token rows of one fact: its templated prompts (+ target[:-1]) and the KL prompt last."""
+    """Token rows of one fact: its templated prompts (+ target[:-1]) and its KL prompt."""
 
     rows: list[list[int]]
     lookups: list[int]  # fact-token position per row
     labels: list[tuple[int, int, int]]  # (row, position predicting, token id)
+    kl_row: list[int]
+    kl_lookup: int
 
 
 def _fact_rows(tok: Any, request: EditRequest, target: Sequence[int], templates: Sequence[str],
@@ -109,30 +116,29 @@ def _fact_rows(tok: Any, request: EditRequest, target: Sequence[int], templates:
         labels.extend((r, len(ids) - 1 + j, t) for j, t in enumerate(target))
         rows.append(ids + list(target[:-1]))
         lookups.append(fact_position(tok, prompt, request.subject, objective.fact_token))
-    rows.append(tok(objective.kl_prompt.format(request.subject),
-                    add_special_tokens=True)["input_ids"])
-    lookups.append(fact_position(tok, objective.kl_prompt, request.subject,
-                                 objective.fact_token))
-    return _Fact(rows, lookups, labels)
+    kl_lookup = fact_position(tok, objective.kl_prompt, request.subject, objective.fact_token)
+    kl_row = tok(objective.kl_prompt.format(request.subject), add_special_tokens=True)["input_ids"]
+    return _Fact(rows, lookups, labels, kl_row, kl_lookup)
 
 
 def _merged(facts: Sequence[_Fact]) -> _Fact:
     """One fact whose δ serves several requests about the same subject (MEMIT-Merge): their
-    rows and labels side by side, and one KL row (the subject's, the same for all) last."""
+    rows and labels side by side, and one KL row (the subject's, the same for all)."""
     rows: list[list[int]] = []
     lookups: list[int] = []
     labels: list[tuple[int, int, int]] = []
     for fact in facts:
         labels.extend((len(rows) + r, pos, t) for r, pos, t in fact.labels)
-        rows.extend(fact.rows[:-1])
-        lookups.extend(fact.lookups[:-1])
-    return _Fact(rows + facts[0].rows[-1:], lookups + facts[0].lookups[-1:], labels)
+        rows.extend(fact.rows)
+        lookups.extend(fact.lookups)
+    return _Fact(rows, lookups, labels, facts[0].kl_row, facts[0].kl_lookup)
 
 
 def _chunks(facts: list[_Fact], max_batch_tokens: int, suffix_only: bool) -> list[list[int]]:
-    """Fact indices grouped so that rows × widest row ≤ max_batch_tokens, facts taken in order
-    of the width a pass pads them to (the suffix from the fact token, or the whole row), so
-    that each group pads little."""
+    """Fact indices grouped so that rows × widest row ≤ max_batch_tokens (a fact's KL prompt
+    counted as one more row), facts taken in order of the width a pass pads them to (the
+    suffix from the fact token, or the whole row); suffix passes also start a new group where
+    that width changes, so that each pads (almost) nothing."""
     def width(fact: _Fact) -> int:
         return max(len(r) - (p if suffix_only else 0)
                    for r, p in zip(fact.rows, fact.lookups, strict=True))
@@ -143,11 +149,12 @@ def _chunks(facts: list[_Fact], max_batch_tokens: int, suffix_only: bool) -> lis
     for i in sorted(range(len(facts)), key=lambda i: width(facts[i])):
         fact = facts[i]
         w = max(widest, max(len(r) for r in fact.rows))
-        if current and (n_rows + len(fact.rows)) * w > max_batch_tokens:
+        if current and ((n_rows + len(fact.rows) + 1) * w > max_batch_tokens or
+                        suffix_only and width(fact) != width(facts[current[-1]])):
             groups.append(current)
             current, n_rows, w = [], 0, max(len(r) for r in fact.rows)
         current.append(i)
-        n_rows += len(fact.rows)
+        n_rows += len(fact.rows) + 1
         widest = w
     if current:
         groups.append(current)
@@ -233,61 +240,75 @@ def optimize_deltas(
 
 @dataclass
 class _Layout:
-    """Where the pieces of one batch of facts sit: rows are the facts' rows one after another
-    (each fact's templated prompts, then its KL prompt); every index here is a tensor."""
+    """Where the pieces of one batch of facts sit: the template rows are the facts' rows one
+    after another, then the KL rows, one per fact (in a pass of their own when ``kl_apart``);
+    every index is a tensor."""
 
-    fact_of_row: torch.Tensor  # (rows,) the fact each row belongs to
-    kl_row: torch.Tensor  # (facts,) the row of each fact's KL prompt (its last row)
-    kl_column: torch.Tensor  # (facts,) where the pass's output holds that prompt's fact token
+    fact_of_row: torch.Tensor  # (template rows,) the fact each template row belongs to
+    kl_column: torch.Tensor  # (facts,) where the output holds each KL prompt's fact token
     target_row: torch.Tensor  # (targets,) for each target token: the row predicting it,
     target_column: torch.Tensor  # (targets,) the column of the pass's output that predicts it,
     target_token: torch.Tensor  # (targets,) its id,
     target_fact: torch.Tensor  # (targets,) and the fact it belongs to
 
     @classmethod
-    def of(cls, facts: list[_Fact], passes: FullPasses | SuffixPasses) -> _Layout:
-        fact_of_row, kl_row, targets = [], [], []
-        first_row = 0
+    def of(cls, facts: list[_Fact], passes: FullPasses | SuffixPasses,
+           kl_passes: FullPasses | SuffixPasses | None) -> _Layout:
+        fact_of_row, targets = [], []
         for f, fact in enumerate(facts):
+            targets += [(len(fact_of_row) + r, position, token, f)
+                        for r, position, token in fact.labels]
             fact_of_row += [f] * len(fact.rows)
-            kl_row.append(first_row + len(fact.rows) - 1)
-            targets += [(first_row + r, position, token, f) for r, position, token in fact.labels]
-            first_row += len(fact.rows)
-        kl_rows = torch.tensor(kl_row)
-        lookups = torch.tensor([p for fact in facts for p in fact.lookups])
+        kl_rows = torch.arange(len(facts)) + (0 if kl_passes else len(fact_of_row))
         row, position, token, fact_index = torch.tensor(targets).unbind(1)
-        return cls(torch.tensor(fact_of_row), kl_rows,
-                   passes.column(kl_rows, lookups[kl_rows]), row,
-                   passes.column(row, position), token, fact_index)
+        return cls(torch.tensor(fact_of_row),
+                   (kl_passes or passes).column(kl_rows,
+                                                torch.tensor([f.kl_lookup for f in facts])),
+                   row, passes.column(row, position), token, fact_index)
 
 
 @dataclass
 class _Step:
     """The rows a step runs: those of the facts still optimising (``active``)."""
 
-    facts: torch.Tensor  # indices of the active facts
-    rows: torch.Tensor  # batch rows of the active facts, in order
+    facts: torch.Tensor  # indices of the active facts (= their KL rows' among the KL rows)
+    rows: torch.Tensor  # template rows of the active facts, in order
     position: torch.Tensor  # (all rows,) a row's index among ``rows`` (−1: not run)
     targets: torch.Tensor  # bool (targets,): the target tokens of active facts
+    read: tuple[torch.Tensor, torch.Tensor]  # (row, column) of the output predicting them
 
     @classmethod
     def of(cls, layout: _Layout, active: torch.Tensor) -> _Step:
         rows = active[layout.fact_of_row].nonzero().squeeze(1)
         position = torch.full((len(layout.fact_of_row),), -1, dtype=torch.long)
         position[rows] = torch.arange(len(rows))
-        return cls(active.nonzero().squeeze(1), rows, position, active[layout.target_fact])
+        targets = active[layout.target_fact]
+        return cls(active.nonzero().squeeze(1), rows, position, targets,
+                   (position[layout.target_row[targets]], layout.target_column[targets]))
 
 
 def _optimize_group(handle: Any, point: str, facts: list[_Fact], index: list[int],
                     result: DeltaResult, objective: DeltaObjective, suffix_only: bool) -> None:
     """Optimise the δ of the facts ``index`` (one batch, see the module docstring) into
     ``result``: every step runs the rows of the facts still active, each fact stops on its
-    own (its last δ is kept in ``final``), and the rest step on."""
+    own (its last δ is kept in ``final``), and the rest step on.
+
+    Suffix passes run the KL prompts apart, cut after the fact token (a causal model's output
+    there does not depend on later tokens): one column each instead of the template rows'
+    width. Whole-model passes run them with the template rows, as the reference does."""
     device = handle.device
     rows = [r for f in facts for r in f.rows]
     lookups = [p for f in facts for p in f.lookups]
-    passes = (SuffixPasses if suffix_only else FullPasses)(handle, point, rows, lookups)
-    layout = _Layout.of(facts, passes)
+    kl_lookups = [f.kl_lookup for f in facts]
+    if suffix_only:
+        passes = SuffixPasses(handle, point, rows, lookups)
+        kl_passes = SuffixPasses(handle, point, [f.kl_row[:f.kl_lookup + 1] for f in facts],
+                                 kl_lookups)
+    else:
+        passes = FullPasses(handle, point, rows + [f.kl_row for f in facts],
+                            lookups + kl_lookups)
+        kl_passes = None
+    layout = _Layout.of(facts, passes, kl_passes)
     h = result.init[index].to(device)  # (m, d)
     h_norm = h.norm(dim=1)
     delta = torch.zeros_like(h, requires_grad=True)
@@ -296,30 +317,42 @@ def _optimize_group(handle: Any, point: str, facts: list[_Fact], index: list[int
     final = torch.zeros_like(h)  # δ of each fact as it was when the fact stopped
     kl_reference: torch.Tensor | None = None  # KL-prompt log-probs before any update
     unembed = handle.arch.unembedding(handle.model)
+    now = _Step.of(layout, active)
     for step in range(objective.steps):
-        now = _Step.of(layout, active)
         optimizer.zero_grad()
-        hidden = passes.run(now.rows, _adding(delta, layout.fact_of_row[now.rows].to(device),
-                                              passes.fact_column(now.rows).to(device)))
+        on = now.facts.to(device)
+        if kl_passes is None:  # one pass: the template rows, then the KL rows
+            run = torch.cat([now.rows, len(layout.fact_of_row) + now.facts])
+            out = passes.run(run, _adding(delta, torch.cat([layout.fact_of_row[now.rows],
+                                                            now.facts]).to(device),
+                                          passes.fact_column(run).to(device)))
+            hidden, kl_hidden = out[:len(now.rows)], out[len(now.rows):]
+        else:
+            hidden = passes.run(now.rows, _adding(delta, layout.fact_of_row[now.rows].to(device),
+                                                  passes.fact_column(now.rows).to(device)),
+                                read=now.read)
+            kl_hidden = kl_passes.run(now.facts, _adding(
+                delta, on, kl_passes.fact_column(now.facts).to(device)))
         nll = _target_nll(hidden, unembed, layout, now, len(facts), device)
-        kl_log_probs = torch.log_softmax(unembed(hidden[
-            now.position[layout.kl_row[now.facts]].to(device),
-            layout.kl_column[now.facts].to(device)]).float(), dim=-1)
+        kl_log_probs = torch.log_softmax(unembed(kl_hidden[
+            torch.arange(len(on), device=device), layout.kl_column[now.facts].to(device)]
+        ).float(), dim=-1)
         if kl_reference is None:
             kl_reference = kl_log_probs.detach().clone()  # step 0: every fact is active
         kl = torch.zeros(len(facts), device=device).index_put(
-            (now.facts.to(device),),
-            (kl_log_probs.exp() * (kl_log_probs - kl_reference[now.facts.to(device)])).sum(-1))
+            (on,), (kl_log_probs.exp() * (kl_log_probs - kl_reference[on])).sum(-1))
         decay = objective.weight_decay * delta.norm(dim=1) / h_norm ** 2
         loss = nll + objective.kl_factor * kl + decay  # (m,); meaningful for active facts
         loss_now = loss.detach().cpu()
         _record(result, index, now.facts, step, loss_now, (-nll.detach()).exp().cpu())
         stop = (loss_now < objective.stop_loss) | (step == objective.steps - 1)
         stopping = active & stop
-        final[stopping.to(device)] = delta.detach()[stopping.to(device)]
-        active &= ~stop
-        if not active.any():
-            break
+        if stopping.any():
+            final[stopping.to(device)] = delta.detach()[stopping.to(device)]
+            active &= ~stop
+            if not active.any():
+                break
+            now = _Step.of(layout, active)
         loss[active.to(device)].sum().backward()
         optimizer.step()
         _hold_and_clamp(delta, final, ~active.to(device), objective.clamp_norm_factor * h_norm)

@@ -8,7 +8,9 @@ point, at each row's fact token, and the final hidden states are read.
 :class:`SuffixPasses` (the default) runs only what δ can change — the blocks from the point up,
 the positions from the fact token on — after one pass that caches the rest;
 :class:`FullPasses` runs the whole model every step, as the reference code does. Both give the
-same losses up to float rounding (tests/test_memit.py).
+same losses up to float rounding (tests/test_memit.py). :class:`SuffixPasses` also runs faster
+kernels of the same functions (:func:`fast_kernels`): the fused tanh-GELU and, on CPU, eager
+attention.
 """
 
 from __future__ import annotations
@@ -40,8 +42,9 @@ class FullPasses:
     def fact_column(self, rows: torch.Tensor) -> torch.Tensor:
         return self.lookups[rows]
 
-    def run(self, rows: torch.Tensor, add_delta) -> torch.Tensor:
-        """Final hidden states (before the unembedding) of ``rows`` with δ added at the point."""
+    def run(self, rows: torch.Tensor, add_delta, read: Any = None) -> torch.Tensor:
+        """Final hidden states (before the unembedding) of ``rows`` with δ added at the point
+        (``read`` is :class:`SuffixPasses`'; this reference runs everything)."""
         device = self.handle.device
         with hooks.edit(self.handle.model, self.point, add_delta):
             return self.handle.model.base_model(
@@ -78,7 +81,7 @@ class SuffixPasses:
         probe = handle.arch.blocks(model)[0].register_forward_hook(
             lambda module, args, out: structure.append(len(out) if isinstance(out, tuple) else 0))
         try:
-            with torch.no_grad(), hooks.capture(model, points) as cache:
+            with torch.no_grad(), hooks.capture(model, points) as cache, fast_kernels(model):
                 out = model(input_ids=ids.to(device), attention_mask=self.attention,
                             position_ids=self.positions, use_cache=True, logits_to_keep=1)
         finally:
@@ -95,6 +98,7 @@ class SuffixPasses:
         # when every block is skipped (the point is the last block's output)
         self.stand_in = tuple(t.new_zeros(()).expand(1, t.shape[1], P, *t.shape[3:])
                               for t in (layers[0].keys, layers[0].values))
+        self._gathered: tuple[torch.Tensor, list, torch.Tensor | None] | None = None
 
     def column(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return positions - self.lookups[rows]
@@ -102,21 +106,61 @@ class SuffixPasses:
     def fact_column(self, rows: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(rows)
 
-    def run(self, rows: torch.Tensor, add_delta) -> torch.Tensor:
-        with hooks.edit(self.handle.model, self.point, add_delta), self._skip_lower(rows):
+    def run(self, rows: torch.Tensor, add_delta,
+            read: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Final hidden states of ``rows`` (indices into the output: ``column``) with δ added
+        at the point. ``read`` = (row, column) of the output: only these are read, so the last
+        block's MLP runs on them alone (elsewhere the output lacks it)."""
+        with hooks.edit(self.handle.model, self.point, add_delta), self._skip_lower(rows), \
+                fast_kernels(self.handle.model), self._top_mlp_only(read):
             return self._forward(rows)
+
+    @contextmanager
+    def _top_mlp_only(self, read: tuple[torch.Tensor, torch.Tensor] | None) -> Iterator[None]:
+        """The last block's MLP (position by position) on the ``read`` entries only: nothing
+        but the final norm and the unembedding at read columns comes after it. Not when δ is
+        added in the last block (its MLP output may be the point)."""
+        top = len(self.handle.arch.blocks(self.handle.model)) - 1
+        if read is None or self.skipped >= top:
+            yield
+            return
+        mlp = self.handle.model.get_submodule(self.handle.arch.module_name(top, "mlp"))
+        original = mlp.forward
+        row, column = (t.to(self.handle.device) for t in read)
+
+        def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            out = original(x[row, column][None], *args, **kwargs)
+            if not isinstance(out, torch.Tensor):  # an MLP returning more (e.g. a router loss)
+                return original(x, *args, **kwargs)
+            return out.new_zeros(*x.shape[:-1], out.shape[-1]).index_put((row, column), out[0])
+
+        with hooks.forwards_replaced([(mlp, forward)]):
+            yield
+
+    def _of_rows(self, rows: torch.Tensor) -> tuple[list[tuple[torch.Tensor, torch.Tensor]],
+                                                     torch.Tensor | None]:
+        """The prefix KV and the stored entry of ``rows``, gathered again only when the rows
+        change (when facts stop), and not at all while every row runs."""
+        if self._gathered is None or not torch.equal(self._gathered[0], rows):
+            if len(rows) == len(self.lookups):  # rows are sorted and distinct: all of them
+                kv, entry = self.prefix_kv or [], self.entry
+            else:
+                on = rows.to(self.handle.device)
+                kv = [(k[on], v[on]) for k, v in self.prefix_kv or []]
+                entry = None if self.entry is None else self.entry[on.to(self.entry.device)]
+            self._gathered = (rows.clone(), kv, entry)
+        return self._gathered[1], self._gathered[2]
 
     def _forward(self, rows: torch.Tensor) -> torch.Tensor:
         model = self.handle.model
+        kv = self._of_rows(rows)[0]
         rows = rows.to(self.handle.device)
         past = None
         if self.prefix_kv is not None:
             from transformers import DynamicCache
 
             stand_in = tuple(t.expand(len(rows), -1, -1, -1) for t in self.stand_in)
-            past = DynamicCache([stand_in] * self.skipped
-                                + [(k[rows], v[rows]) for k, v in self.prefix_kv],
-                                config=model.config)
+            past = DynamicCache([stand_in] * self.skipped + list(kv), config=model.config)
         return model.base_model(
             input_ids=self.suffix[rows], attention_mask=self.attention[rows],
             position_ids=self.positions[rows, self.n_prefix:], use_cache=past is not None,
@@ -130,9 +174,45 @@ class SuffixPasses:
             yield
             return
         blocks = self.handle.arch.blocks(self.handle.model)
-        forward = _returning(self.entry[rows.to(self.entry.device)], self.tuple_len)
+        forward = _returning(self._of_rows(rows)[1], self.tuple_len)
         with hooks.forwards_replaced([(blocks[j], forward) for j in range(self.skipped)]):
             yield
+
+
+@contextmanager
+def fast_kernels(model: Any) -> Iterator[None]:
+    """Faster kernels of the same functions for passes of many short rows: GPT-2's tanh GELU
+    (``gelu_new``: eight elementwise ops forward, as many backward) as torch's fused
+    ``gelu(approximate="tanh")``, and on CPU eager attention (batched matmuls) instead of SDPA,
+    whose CPU kernel costs more than the matmuls for a few query columns. The results differ
+    from the model's own kernels by float rounding only."""
+    fused = [(m, _gelu_tanh) for m in _tanh_gelus(model)]  # ~100 modules: microseconds
+    config = getattr(model, "config", None)
+    implementation = getattr(config, "_attn_implementation", None)
+    eager = implementation == "sdpa" and next(model.parameters()).device.type == "cpu"
+    with hooks.forwards_replaced(fused):
+        if not eager:
+            yield
+            return
+        config._attn_implementation = "eager"
+        try:
+            yield
+        finally:
+            config._attn_implementation = implementation
+
+
+def _tanh_gelus(model: Any) -> list[Any]:
+    """The model's tanh-approximation GELU modules written as elementwise Python."""
+    from transformers import activations
+
+    kinds = tuple(getattr(activations, name) for name in ("NewGELUActivation",
+                                                          "FastGELUActivation")
+                  if hasattr(activations, name))
+    return [m for m in model.modules() if type(m) in kinds]
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.gelu(x, approximate="tanh")
 
 
 def _returning(stored: torch.Tensor, tuple_len: int):

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+import numpy as np
 import torch
 
 from memlens.errors import EmptyInput, MemlensError
@@ -60,7 +61,9 @@ def noise_scale(handle: ModelHandle, subjects: Sequence[str], *,
     embedding = handle.arch.embedding(handle.model)
     with torch.no_grad():
         vectors = embedding(torch.tensor(ids, device=handle.device))  # (n_tokens, d_model)
-    sigma = vectors.double().std().item()
+    # numpy's reduction is sequential: σ, and with it every trace cache key, is then the same
+    # bit for bit whatever torch's thread count (torch's parallel std differs in the last digits)
+    sigma = float(np.std(vectors.double().cpu().numpy(), ddof=1))
     if not sigma > 0 or sigma != sigma:
         raise MemlensError(f"the subject embeddings have std {sigma}: cannot derive a noise level")
     return factor * sigma
