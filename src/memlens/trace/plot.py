@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from memlens.figures import pyplot
+from memlens.figures import finish_figure, pyplot
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -41,6 +41,18 @@ def _save(fig, out: Path, stem: str) -> list[Path]:
     paths = [out / f"{stem}.png", out / f"{stem}.svg"]
     for path in paths:
         fig.savefig(path, bbox_inches="tight", dpi=150)
+    return paths
+
+
+def _save_per_kind(kinds, size: tuple[float, float], draw, out: Path, prefix: str) -> list[Path]:
+    """One figure per kind, ``draw(fig, ax, kind)`` on it, saved as ``<prefix>_<kind>``."""
+    plt = pyplot()
+    paths: list[Path] = []
+    for kind in kinds:
+        fig, ax = plt.subplots(figsize=size)
+        draw(fig, ax, kind)
+        paths += _save(fig, out, f"{prefix}_{kind}")
+        plt.close(fig)
     return paths
 
 
@@ -87,16 +99,10 @@ def plot_trace(result: TraceResult, out: str | Path | None = None, *,
             _draw_trace(fig, ax, result, kind, "", SHORT_TITLES)
         fig.suptitle(f"{result.prompt!r} → {result.answer!r}, subject corrupted, one state "
                      "restored" + (f" ({model_name})" if model_name else ""), fontsize=10)
-        plt.close(fig)
-        return fig
-    out = Path(out)
-    paths: list[Path] = []
-    for kind in result.scores:
-        fig, ax = plt.subplots(figsize=size)
-        _draw_trace(fig, ax, result, kind, model_name)
-        paths += _save(fig, out, f"trace_{kind}")
-        plt.close(fig)
-    return paths
+        return finish_figure(fig)
+    return _save_per_kind(result.scores, size,
+                          lambda fig, ax, kind: _draw_trace(fig, ax, result, kind, model_name),
+                          Path(out), "trace")
 
 
 def _draw_average(fig, ax, avg: AverageTrace, kind: str) -> None:
@@ -142,15 +148,10 @@ def plot_average(avg: AverageTrace, out: str | Path | None = None) -> list[Path]
         for ax, kind in zip(top.subplots(1, n, squeeze=False)[0], avg.kinds, strict=True):
             _draw_average(top, ax, avg, kind)
         _draw_lines(bottom.subplots(1, 2, sharey=True), avg)
-        plt.close(fig)
-        return fig
+        return finish_figure(fig)
     out = Path(out)
-    paths: list[Path] = []
-    for kind in avg.kinds:
-        fig, ax = plt.subplots(figsize=heat)
-        _draw_average(fig, ax, avg, kind)
-        paths += _save(fig, out, f"avg_{kind}")
-        plt.close(fig)
+    paths = _save_per_kind(avg.kinds, heat,
+                           lambda fig, ax, kind: _draw_average(fig, ax, avg, kind), out, "avg")
     fig, axes = plt.subplots(1, 2, figsize=(8, 2.8), sharey=True)
     _draw_lines(axes, avg)
     paths += _save(fig, out, "avg_lines")
