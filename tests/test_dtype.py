@@ -33,6 +33,27 @@ def test_load_model_dtype(random_model_dirs, name):
     assert torch.isfinite(handle.logits(["Toulouse is a city in"]).float()).all()
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_unembedding_reads_a_contiguous_input(random_model_dirs, arch):
+    """transformers slices the kept positions into a strided view; on CPU a bfloat16 linear
+    on such a view is ~1,000x slower and grows memory (benchmarks: GPT-2 XL trace OOM), so
+    every handle's unembedding copies its input into contiguous memory first."""
+    handle = load_model(str(random_model_dirs[arch]), device="cpu", dtype="bfloat16")
+    seen = []
+    unembed = handle.model.get_output_embeddings()
+    hook = unembed.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    try:
+        ids = handle.tokenizer(["Toulouse is a city in"] * 3, return_tensors="pt").input_ids
+        handle.model(input_ids=ids, logits_to_keep=1)
+    finally:
+        hook.remove()
+    assert seen and seen[0].shape[:2] == (3, 1) and seen[0].is_contiguous()
+    n_hooks = len(unembed._forward_pre_hooks)
+    type(handle)(model=handle.model, tokenizer=handle.tokenizer, arch=handle.arch,
+                 ref=handle.ref)  # a second handle on the same model
+    assert len(unembed._forward_pre_hooks) == n_hooks  # installed once per model
+
+
 def test_cli_dtype_option(random_model_dirs):
     from memlens.cli import app
 
