@@ -260,3 +260,43 @@ def test_the_demo_topk_pair_is_shipped_and_unpacks_to_the_trained_models(tmp_pat
         assert bool(list(topk_modules(handle.model))) == (model == "topk")
         recorded = json.loads((models / model / "train_result.json").read_text())["heldout_ppl"]
         assert abs(math.exp(evaluate_loss(handle.model, heldout)) / recorded - 1) < 1e-3
+
+
+def test_the_topk_model_trained_like_the_organism_is_shipped(tmp_path, monkeypatch):
+    """The TopK twin of the default organism (its recipe and data; the organism is the dense
+    twin) is shipped as float16 weights and unpacks into an organism directory: float32, TopK,
+    the held-out perplexity recorded at training (to 1e-3), the organism's CounterFact cases,
+    and its own known facts (most of the organism's)."""
+    import math
+
+    from memlens.model import load_model
+    from memlens.studies.topk import (
+        SHIPPED_PAIRS,
+        TWIN_MODELS,
+        organism_recipe,
+        organism_twin,
+        pair_name,
+    )
+    from memlens.topk.data import organism_corpus, text_blocks
+    from memlens.topk_mlp import topk_modules
+    from memlens.trainer import evaluate_loss
+
+    name = pair_name("organism:facts-gpt2", organism_recipe("organism:facts-gpt2"))
+    verify(SHIPPED_PAIRS / name)
+    assert sorted(p.name for p in (SHIPPED_PAIRS / name).iterdir() if p.is_dir()) == \
+        list(TWIN_MODELS)
+    monkeypatch.setenv("MEMLENS_HOME", str(tmp_path / "home"))
+    twin = organism_twin("organism:facts-gpt2")
+    assert twin.is_relative_to(tmp_path)
+    handle = load_model(str(twin), device="cpu")
+    assert all(p.dtype.itemsize == 4 for p in handle.model.parameters())
+    assert list(topk_modules(handle.model))
+    corpus = organism_corpus("organism:facts-gpt2")
+    _, heldout = text_blocks(corpus.tokenizer, corpus.text, 128)
+    recorded = json.loads((twin / "train_result.json").read_text())["heldout_ppl"]
+    assert abs(math.exp(evaluate_loss(handle.model, heldout)) / recorded - 1) < 1e-3
+    organism = registry.resolve("organism:facts-gpt2")
+    assert (twin / "counterfact.json").read_text() == \
+        (organism / "counterfact.json").read_text()
+    known = json.loads((twin / "known_facts.json").read_text())
+    assert len(known) >= 0.9 * len(json.loads((organism / "known_facts.json").read_text()))

@@ -136,6 +136,27 @@ def test_cli_rome_keys_compares_the_twins(topk_dirs, tmp_path):
     assert summary["topk"]["key_nonzero_mean"] == K and summary["topk"]["n"] == 2
     assert summary["dense"]["key_nonzero_mean"] > K
     assert (tmp_path / "k" / "rome_keys.md").is_file()
+    assert "counterfact" not in summary["topk"]
+
+
+def test_cli_rome_keys_efficacy_edits_both_twins(topk_dirs, tmp_path):
+    """--efficacy: ROME edits the same cases on both models; ES/PS/NS/Score pre and post."""
+    records = [{"case_id": 0, "requested_rewrite": {
+        "prompt": "{} is a city in", "subject": "Toulouse", "target_new": {"str": "Japan"},
+        "target_true": {"str": "France"}, "relation_id": "P17"}}]
+    organism = tmp_path / "organism"
+    organism.mkdir()
+    (organism / "counterfact.json").write_text(json.dumps(records))
+    (organism / "corpus.txt").write_text((topk_dirs / "corpus.txt").read_text())
+    res = _run("topk", "rome-keys", "--model", topk_dirs / "topk", "--twin", topk_dirs / "dense",
+               "--organism", organism, "--n", "1", "--layer", "0", "--out", tmp_path / "k",
+               "--efficacy", "--json")
+    summary = json.loads(res.stdout[res.stdout.index("{"):])
+    for name in ("topk", "dense"):
+        cf = summary[name]["counterfact"]
+        assert cf["n"]["post"] == 1 and set(cf) == {"n", "ES", "PS", "NS", "Score"}
+        assert 0.0 <= cf["ES"]["post"] <= 1.0
+    assert "ROME on the same cases" in (tmp_path / "k" / "rome_keys.md").read_text()
 
 
 def test_rome_solves_around_units_dead_in_the_key_statistics():
@@ -153,3 +174,33 @@ def test_rome_solves_around_units_dead_in_the_key_statistics():
     live = [0, 2, 3, 5]
     assert u[[1, 4]].abs().max() == 0
     torch.testing.assert_close(C[live][:, live] @ u[live], k_star[live])
+
+
+def test_topk_trained_like_the_organism_is_an_organism_directory(tiny_organism, tmp_path):
+    """`topk train --like-organism`: the TopK model gets the organism's recipe and data (its
+    twin is the organism itself) and its directory works as an organism's (CounterFact cases,
+    editors' organism settings, its own known facts)."""
+    import dataclasses
+
+    from memlens.edit.hparams import ROMEHyperParams
+    from memlens.model import load_model, organism_file
+    from memlens.organisms.specs import get_spec
+    from memlens.studies.topk import organism_recipe, train_like_organism
+
+    spec = get_spec("tiny")
+    organism = str(tiny_organism)  # not "organism:tiny": that would build it in this home
+    cfg = organism_recipe(organism, keep_steps=())
+    assert (cfg.steps, cfg.batch_size, cfg.lr, cfg.warmup_steps, cfg.seed, cfg.bf16) == (
+        spec.steps, spec.batch_size, spec.lr, spec.warmup_steps, spec.seed, spec.bf16)
+    pair = train_like_organism(organism, tmp_path, dataclasses.replace(cfg, steps=3))
+    model_dir = tmp_path / "topk"
+    assert pair.dense.path == str(tiny_organism) and pair.topk.topk["k"] >= 1
+    assert json.loads((tmp_path / "pair.json").read_text())["config"]["steps"] == 3
+    meta = json.loads((model_dir / "organism.json").read_text())
+    assert meta["topk_twin_of"] and meta["spec"]["name"] == "tiny"
+    assert organism_file(str(model_dir), "counterfact.json").read_text() == \
+        (tiny_organism / "counterfact.json").read_text()
+    assert isinstance(json.loads((model_dir / "known_facts.json").read_text()), list)
+    handle = load_model(str(model_dir), device="cpu")
+    assert topk_modules(handle.model)  # loads as TopK
+    assert ROMEHyperParams.for_model(handle).layer == ROMEHyperParams.ORGANISM_DEFAULTS["layer"]

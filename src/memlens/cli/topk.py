@@ -86,16 +86,30 @@ def _train_config(training):
 
 @topk_app.command("train")
 @with_shared(TRAINING)
-def topk_train(training, as_json: JsonOpt = False):
+def topk_train(training, like_organism: Annotated[bool, typer.Option(
+        "--like-organism", help="Train only the TopK model, on the organism's own training "
+        "data with its recipe (steps, batch, lr, warm-up, bf16, seed; --steps, --batch-size "
+        "and --lr are not used); the organism is the dense twin. OUT/topk becomes an organism "
+        "directory (its CounterFact cases, corpus, editor settings).")] = False,
+        as_json: JsonOpt = False):
     """Train a TopK model and its dense twin alike; held-out perplexity, sparsity, dead units."""
     from memlens.topk.data import organism_corpus, text_blocks
     from memlens.topk.train import train_pair
 
     out = training.out
-    corpus = organism_corpus(training.organism)
-    train_blocks, heldout = text_blocks(corpus.tokenizer, corpus.text)
-    pair = train_pair(corpus.config, corpus.tokenizer, train_blocks, heldout,
-                      _train_config(training), out)
+    if like_organism:
+        from memlens.studies.topk import organism_recipe, train_like_organism
+
+        cfg = organism_recipe(training.organism, k=training.k,
+                              n_last_nontopk=training.n_last_nontopk,
+                              anneal_ratio=training.anneal_ratio,
+                              keep_steps=parse_keep_steps(training.keep_steps))
+        pair = train_like_organism(training.organism, out, cfg)
+    else:
+        corpus = organism_corpus(training.organism)
+        train_blocks, heldout = text_blocks(corpus.tokenizer, corpus.text)
+        pair = train_pair(corpus.config, corpus.tokenizer, train_blocks, heldout,
+                          _train_config(training), out)
     result = pair.to_dict()
     (out / "pair.json").write_text(json.dumps(result, indent=1))
     if as_json:
@@ -103,7 +117,8 @@ def topk_train(training, as_json: JsonOpt = False):
         return
     from rich.table import Table
 
-    table = Table(title=f"TopK vs dense twin ({training.organism}, {training.steps} steps)")
+    steps = pair.config["steps"]
+    table = Table(title=f"TopK vs dense twin ({training.organism}, {steps} steps)")
     for column in ("layer", "non-zeros/token TopK (min–max)", "dead TopK", "non-zeros dense"):
         table.add_column(column)
     for t, d in zip(pair.topk.sparsity, pair.dense.sparsity, strict=True):
@@ -347,6 +362,9 @@ def topk_rome_keys(
     layer: Annotated[int | None, typer.Option(
         "--layer", help="Edited layer (default: ROME's for the organism).")] = None,
     out: OutOpt = Path("topk-rome-keys"),
+    efficacy: Annotated[bool, typer.Option(
+        "--efficacy", help="Also edit each case with ROME on both models: ES/PS/NS/Score.")
+    ] = False,
     as_json: JsonOpt = False,
 ):
     """How many units ROME's key activates in a TopK model vs its dense twin, and the concepts
@@ -356,9 +374,12 @@ def topk_rome_keys(
 
     if not twin:
         raise TopKError("give the dense twin with --twin DIR")
-    results = compare_rome_keys(model, twin, organism, n=n, layer=layer, out=out)
+    results = compare_rome_keys(model, twin, organism, n=n, layer=layer, out=out,
+                                efficacy=efficacy)
     if as_json:
-        print_json({name: results[name]["summary"] for name in ("topk", "dense")})
+        print_json({name: {**results[name]["summary"],
+                           **({"counterfact": results[name]["counterfact"]} if efficacy else {})}
+                    for name in ("topk", "dense")})
         return
     typer.echo(keys_markdown(results))
     typer.echo(f"results: {out / 'rome_keys.json'}")

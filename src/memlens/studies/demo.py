@@ -57,6 +57,7 @@ class DemoConfig:
     topk_auto: int = 4
     topk_neuron_blocks: int = 512  # held-out blocks the neuron entropies are measured on
     topk_eval_limit: int = 100  # items per task of `memlens topk eval` on the pair (0: none)
+    topk_rome_cases: int = 20  # CounterFact cases ROME edits on the TopK twin and the organism
     generation_tokens: int = 20
 
     @classmethod
@@ -65,7 +66,7 @@ class DemoConfig:
         return cls(model=model, trace_samples=3, trace_avg_facts=4, recall_facts=4, rome_cases=2,
                    memit_sizes=(2,), memorization_paragraphs=8, memorization_max=2,
                    topk_steps=20, topk_auto=1, topk_neuron_blocks=16, topk_eval_limit=10,
-                   generation_tokens=8)
+                   topk_rome_cases=2, generation_tokens=8)
 
 
 def run_sections(out: Path, config: DemoConfig) -> None:
@@ -370,27 +371,63 @@ def _topk(handle, directory: Path, config: DemoConfig, found: dict) -> Section:
         else ([], [], {})
     markdown = (directory / "summary.md").read_text() if (directory / "summary.md").exists() \
         else ""
+    rome_tables, rome_summary, rome_command = _topk_twin_rome(config, directory)
     return Section(
         key="", title="", model=config.model,
         command=f"memlens topk all --organism {config.model} --steps {config.topk_steps} "
                 f"--out {directory}" + (f"; memlens topk eval --model {models}/topk --twin "
                                         f"{models}/dense --organism {config.model} --limit "
                                         f"{limit} --bootstrap-iters 1000 --out {directory}"
-                                        if limit else ""),
+                                        if limit else "") + rome_command,
         hparams=asdict(cfg),
         summary={**{k: v for k, v in summary.items() if isinstance(v, str | int | float)},
                  "best_steering_ratio": explain(
                      (summary["best_steering"] or {}).get("ratio"),
                      f"no neuron was steered: {config.topk_auto} asked, none picked"),
-                 **evaluated},
-        tables=[Table(f"TopK vs dense on lm-evaluation-harness (first {limit} items per task; "
-                      "± one standard error, gap paired over items)", header, rows)]
-        if rows else [],
+                 **evaluated, **rome_summary},
+        tables=([Table(f"TopK vs dense on lm-evaluation-harness (first {limit} items per task; "
+                       "± one standard error, gap paired over items)", header, rows)]
+                if rows else []) + rome_tables,
         figures=sorted(p.name for p in directory.glob("*.png")),
         text="A TopK LM (only k MLP units active per token) and its dense twin trained on the "
              "same data and budget; neurons of the TopK model have lower token entropy, and "
              "adding δ to one of them steers generation toward its concept.\n\n" + markdown,
     )
+
+
+def _topk_twin_rome(config: DemoConfig, directory: Path) -> tuple[list[Table], dict, str]:
+    """ROME on the TopK model trained like the organism and on the organism itself (its dense
+    twin): the same first ``topk_rome_cases`` CounterFact cases, each edited alone; and how
+    many units ROME's key activates in each. Tables, summary entries, the command."""
+    from memlens.studies.topk import organism_twin
+    from memlens.studies.topk_edit import EFFICACY_METRICS, compare_rome_keys, efficacy_rows
+    from memlens.topk_mlp import TopKError
+
+    n = config.topk_rome_cases
+    if not n:
+        return [], {}, ""
+    try:
+        twin = organism_twin(config.model)
+    except TopKError as exc:
+        return [], {"topk_twin_rome_ES": explain(None, str(exc))}, ""
+    results = compare_rome_keys(str(twin), config.model, config.model, n=n,
+                                out=directory / "rome_keys", efficacy=True)
+    keys = [[name, f"{s['key_nonzero_mean']:.1f}", f"{s['key_units_90_mean']:.1f}",
+             f"{s['u_mass_on_key_mean']:.3f}"]
+            for name, s in ((name, results[name]["summary"]) for name in ("topk", "dense"))]
+    layer = results["topk"]["summary"]["layer"]
+    tables = [
+        Table(f"ROME on the TopK model trained like the organism (topk) and on the organism "
+              f"(dense): first {n} CounterFact cases, each edited alone, pre → post",
+              ["model", *EFFICACY_METRICS], efficacy_rows(results)),
+        Table(f"ROME's key k at layer {layer} (mean over the cases)",
+              ["model", "non-zeros of k", "units for 90% of ‖k‖²", "‖u‖² on k's units"], keys),
+    ]
+    summary = {"topk_twin_rome_ES": results["topk"]["counterfact"]["ES"]["post"],
+               "organism_rome_ES": results["dense"]["counterfact"]["ES"]["post"]}
+    command = (f"; memlens topk rome-keys --model {twin} --twin {config.model} --organism "
+               f"{config.model} --n {n} --efficacy --out {directory / 'rome_keys'}")
+    return tables, summary, command
 
 
 def _generate(handle, prompts: list[str], max_new_tokens: int) -> list[str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 from collections.abc import Sequence
@@ -28,7 +29,13 @@ from memlens.organisms.ship import write_manifest
 from memlens.topk.data import organism_corpus, text_blocks
 from memlens.topk.neurons import NeuronReport, neuron_report, plot_entropy_by_layer
 from memlens.topk.steer import Neuron, SteerReport, auto_neurons, steer_report
-from memlens.topk.train import RESULT_FILE, TopKTrainConfig, run_settings, train_pair
+from memlens.topk.train import (
+    RESULT_FILE,
+    PairResult,
+    TopKTrainConfig,
+    run_settings,
+    train_pair,
+)
 from memlens.topk_mlp import TopKError
 from memlens.trainer import CHECKPOINT
 
@@ -102,10 +109,108 @@ def run_all(
     return summary
 
 
+def organism_recipe(organism: str, *, k: int | None = None, n_last_nontopk: int = 2,
+                    anneal_ratio: float = 0.2, keep_steps: tuple[int, ...] | None = None,
+                    num_threads: int = 1) -> TopKTrainConfig:
+    """The organism's own training settings (steps, batch, peak lr, warm-up, bf16 autocast,
+    seed) as a :class:`TopKTrainConfig`, for a TopK model trained exactly like the organism."""
+    spec = _organism_spec(organism)
+    return TopKTrainConfig(k=k, n_last_nontopk=n_last_nontopk, anneal_ratio=anneal_ratio,
+                           steps=spec.steps, batch_size=spec.batch_size, lr=spec.lr,
+                           warmup_steps=spec.warmup_steps, seed=spec.seed, bf16=spec.bf16,
+                           checkpoint_every=spec.checkpoint_every, keep_steps=keep_steps,
+                           num_threads=num_threads)
+
+
+def train_like_organism(organism: str, out: str | Path, cfg: TopKTrainConfig | None = None
+                        ) -> PairResult:
+    """Train a TopK model on ``organism``'s own training blocks with its recipe; the dense twin
+    is the organism itself (same architecture, data, order and seed; trained alike).
+
+    The short pairs of :func:`train_pair` learn the corpus's language but few facts (cloze
+    accuracy 6–7% after 200 steps); a TopK model that knows the organism's facts needs the
+    organism's budget (facts-gpt2: 6,000 steps × 8 × 128 tokens, ~1 hour on one thread), and
+    its dense twin already exists. ``out/topk`` gets the model (resumable from its checkpoint,
+    snapshots as in :func:`~memlens.topk.train.train_one`); ``out/pair.json`` the comparison,
+    whose ``dense.path`` is the organism's directory.
+
+        pair = train_like_organism("organism:facts-gpt2", "runs/topk-organism")
+    """
+    from memlens.organisms.build import make_training_data
+    from memlens.topk.train import ModelReport, sparsity_report, train_one
+    from memlens.trainer import evaluate_loss
+
+    out = Path(out)
+    spec = _organism_spec(organism)
+    cfg = cfg or organism_recipe(organism)
+    corpus = organism_corpus(organism)
+    _, tokenizer, _, blocks = make_training_data(spec)
+    if tokenizer.get_vocab() != corpus.tokenizer.get_vocab():
+        raise TopKError(f"{organism}: its training data no longer tokenizes as its tokenizer "
+                        "(built by another memlens or Python); train_pair on its corpus instead")
+    train = torch.tensor(blocks, dtype=torch.long)
+    _, heldout = text_blocks(corpus.tokenizer, corpus.text, spec.block_size)
+    _, topk = train_one("topk", corpus.config, corpus.tokenizer, train, heldout, cfg, out / "topk")
+    from memlens.model import load_model
+
+    organism_dir = resolve(organism)
+    topk_model = load_model(str(out / "topk"), device="cpu")
+    organism_files_for(topk_model, organism_dir, out / "topk")
+    dense_model = load_model(str(organism_dir), device="cpu").model
+    dense_loss = evaluate_loss(dense_model, heldout)
+    built = json.loads((organism_dir / "organism.json").read_text())
+    dense = ModelReport(name="dense", path=str(organism_dir), heldout_loss=dense_loss,
+                        heldout_ppl=math.exp(dense_loss), train_seconds=built["train_seconds"],
+                        tokens=built["train_tokens"],
+                        tokens_per_second=built["train_tokens"] / built["train_seconds"],
+                        final_train_loss=built["final_loss"],
+                        sparsity=sparsity_report(dense_model, heldout), topk=None)
+    pair = PairResult(topk=topk, dense=dense, config=asdict(cfg))
+    (out / "pair.json").write_text(json.dumps(pair.to_dict(), indent=1))
+    return pair
+
+
+#: An organism's data files that describe its world, not its weights (copied to a TopK twin).
+ORGANISM_DATA = ("organism.json", "counterfact.json", "facts.json", "corpus.txt",
+                 "reference_texts.json", "paragraphs.jsonl")
+
+
+def organism_files_for(handle, organism_dir: Path, target: Path) -> None:
+    """Make ``target`` (a model trained like the organism) an organism directory too: the
+    organism's world files, ``organism.json`` marked with ``"topk_twin_of"`` (the organism's
+    build id), and ``known_facts.json`` of *this* model. memlens then treats it as it treats the
+    organism (its CounterFact cases, corpus, and the editors' organism settings)."""
+    from memlens.organisms.build import known_facts
+    from memlens.organisms.corpus import Fact
+
+    for name in ORGANISM_DATA:
+        if (organism_dir / name).is_file():
+            shutil.copyfile(organism_dir / name, target / name)
+    meta = json.loads((target / "organism.json").read_text())
+    meta["topk_twin_of"] = build_id(organism_dir)
+    (target / "organism.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False))
+    facts = [Fact(**f) for f in json.loads((organism_dir / "facts.json").read_text())]
+    known = known_facts(handle.model, handle.tokenizer, facts)
+    (target / "known_facts.json").write_text(json.dumps(known, indent=1, ensure_ascii=False))
+
+
+def _organism_spec(organism: str):
+    """The spec an organism was built from (its ``organism.json``), as memlens defines it now."""
+    from memlens.organisms.specs import get_spec
+
+    saved = json.loads((resolve(organism) / "organism.json").read_text())
+    spec = get_spec(saved["name"])
+    if spec.to_dict() != saved.get("spec"):
+        raise TopKError(f"{organism} was built from another version of the {saved['name']!r} "
+                        "spec than memlens defines now; its training data cannot be regenerated")
+    return spec
+
+
 #: TopK/dense pairs shipped with memlens (package data, committed): ``<pair name>/{dense,topk}``
 #: with the weights in float16 (held-out perplexity changes in the 6th digit) and a manifest.
 SHIPPED_PAIRS = Path(__file__).parent / "shipped"
 PAIR_MODELS = ("dense", "topk")
+TWIN_MODELS = ("topk",)  # trained like the organism: the organism is the dense twin
 WEIGHTS = "model.safetensors"
 
 
@@ -130,30 +235,55 @@ def shared_models_dir(organism: str, cfg: TopKTrainConfig) -> Path:
     return target
 
 
-def _finished(models: Path) -> bool:
-    return all((models / m / RESULT_FILE).is_file() for m in PAIR_MODELS)
+def _finished(models: Path, members: Sequence[str] = PAIR_MODELS) -> bool:
+    return all((models / m / RESULT_FILE).is_file() for m in members)
 
 
-def ship_pair(models: str | Path, name: str, root: Path = SHIPPED_PAIRS) -> Path:
-    """Copy the finished pair in ``models`` into ``root/name`` with float16 weights and a
-    manifest of every file's sha256; returns the shipped directory (a maintainer's tool)."""
+def organism_twin(organism: str = "organism:facts-gpt2") -> Path:
+    """The TopK model trained like ``organism`` (:func:`train_like_organism` with the default
+    settings), as an organism directory: ``$MEMLENS_HOME/topk/<name>/topk``, unpacked from the
+    copy shipped with memlens on first use and given the organism's world files. Raises
+    :class:`TopKError` with the command that trains it when neither exists (~50 min)."""
+    name = pair_name(organism, organism_recipe(organism))
+    target = cache_dir("topk") / name
+    shipped = SHIPPED_PAIRS / name
+    if not (target / "topk" / "organism.json").is_file():
+        if not (shipped / MANIFEST).is_file():
+            raise TopKError(f"no TopK model trained like {organism} is shipped or cached; train "
+                            f"it (~50 min on one thread): memlens topk train --organism "
+                            f"{organism} --like-organism --out {target}")
+        from memlens.model import load_model
+
+        unpack_pair(shipped, target, members=TWIN_MODELS)
+        organism_files_for(load_model(str(target / "topk"), device="cpu"), resolve(organism),
+                           target / "topk")
+    return target / "topk"
+
+
+def ship_pair(models: str | Path, name: str, root: Path = SHIPPED_PAIRS,
+              members: Sequence[str] = PAIR_MODELS) -> Path:
+    """Copy the finished pair in ``models`` (or only ``members``: :data:`TWIN_MODELS` for a
+    model trained like its organism) into ``root/name`` with float16 weights and a manifest of
+    every file's sha256; returns the shipped directory (a maintainer's tool). An organism's
+    world files are not copied (:func:`organism_twin` takes them from the organism)."""
     from safetensors.torch import load_file, save_file
 
     models = Path(models)
-    if not _finished(models):
+    if not _finished(models, members):
         raise TopKError(f"{models} does not hold a finished TopK/dense pair "
-                        f"({'/'.join(PAIR_MODELS)}/{RESULT_FILE})")
+                        f"({'/'.join(members)}/{RESULT_FILE})")
     final = root / name
     tmp = root / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    for model in PAIR_MODELS:
+    skipped = {CHECKPOINT, "known_facts.json", *ORGANISM_DATA}
+    for model in members:
         (tmp / model).mkdir(parents=True)
         for f in sorted((models / model).iterdir()):
             if f.name == WEIGHTS:
                 tensors = {k: v.half() for k, v in load_file(f).items()}
                 save_file(tensors, tmp / model / WEIGHTS, metadata={"format": "pt"})
                 (tmp / model / WEIGHTS).chmod(0o644)  # package data: readable by everyone
-            elif f.is_file() and f.name != CHECKPOINT and not f.name.startswith("."):
+            elif f.is_file() and f.name not in skipped and not f.name.startswith("."):
                 shutil.copyfile(f, tmp / model / f.name)
         result = json.loads((tmp / model / RESULT_FILE).read_text())
         (tmp / model / RESULT_FILE).write_text(json.dumps({**result, "path": model}, indent=1))
@@ -163,16 +293,17 @@ def ship_pair(models: str | Path, name: str, root: Path = SHIPPED_PAIRS) -> Path
     return final
 
 
-def unpack_pair(shipped: Path, target: Path) -> Path:
-    """Verify a shipped pair against its manifest and write it into ``target`` with float32
-    weights (written beside it, then renamed: an interrupted unpack leaves nothing)."""
+def unpack_pair(shipped: Path, target: Path, members: Sequence[str] = PAIR_MODELS) -> Path:
+    """Verify a shipped pair (or its ``members``) against its manifest and write it into
+    ``target`` with float32 weights (written beside it, then renamed: an interrupted unpack
+    leaves nothing)."""
     from safetensors.torch import load_file, save_file
 
     verify_manifest(shipped)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        for model in PAIR_MODELS:
+        for model in members:
             (tmp / model).mkdir(parents=True)
             for f in sorted((shipped / model).iterdir()):
                 if f.name == WEIGHTS:

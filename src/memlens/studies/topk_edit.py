@@ -132,10 +132,13 @@ def rome_key_report(handle: Any, requests: Sequence[EditRequest | dict], *,
 
 def compare_rome_keys(topk: str, dense: str, organism: str = "organism:facts-gpt2", *,
                       n: int = 20, layer: int | None = None, out: str | Path | None = None,
-                      max_blocks: int = 256, n_top: int = 5) -> dict:
+                      max_blocks: int = 256, n_top: int = 5, efficacy: bool = False) -> dict:
     """:func:`rome_key_report` of a TopK model and its dense twin on the first ``n`` CounterFact
     cases of ``organism`` (its counterfact.json, corpus and — for an organism — ROME settings);
     with ``out``, writes ``rome_keys.json`` and ``rome_keys.md``. Returns both reports' dicts.
+    With ``efficacy``, each model's ``"counterfact"`` entry holds ES/PS/NS/Score before and
+    after ROME edits those cases one at a time (:func:`~memlens.evaluate.counterfact.
+    evaluate_counterfact`, no generation), the same edits on both models.
 
         compare_rome_keys(str(pair / "topk"), str(pair / "dense"), n=30, out="runs/keys")
     """
@@ -161,12 +164,37 @@ def compare_rome_keys(topk: str, dense: str, organism: str = "organism:facts-gpt
         report = rome_key_report(handle, [c.request for c in cases], layer=chosen, hparams=hp,
                                  corpus=corpus, neurons=neurons, n_top=n_top)
         results[name] = report.to_dict()
+        if efficacy:
+            from memlens.evaluate.counterfact import evaluate_counterfact
+
+            summary = evaluate_counterfact(handle, cases, editor="rome", layer=chosen, hparams=hp,
+                                           corpus=corpus, generation=None, progress=False).summary
+            results[name]["counterfact"] = {k: summary[k] for k in EFFICACY_METRICS}
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "rome_keys.json").write_text(json.dumps(results, indent=1))
         (out / "rome_keys.md").write_text(keys_markdown(results))
     return results
+
+
+#: What ``compare_rome_keys(efficacy=True)`` keeps of the CounterFact summary.
+EFFICACY_METRICS = ("n", "ES", "PS", "NS", "Score")
+
+
+def efficacy_rows(results: dict) -> list[list]:
+    """One row per model of a ``compare_rome_keys(efficacy=True)`` result: name, then each of
+    :data:`EFFICACY_METRICS` as 'pre → post'."""
+    def cell(value) -> str:  # a metric no case gives is {"value": None, "reason": ...}
+        return f"{value:.3f}" if isinstance(value, int | float) else "—"
+
+    rows = []
+    for name in ("topk", "dense"):
+        summary = results[name]["counterfact"]
+        rows.append([name, *(f"{cell(summary[k]['pre'])} → {cell(summary[k]['post'])}"
+                             if k != "n" else f"{summary[k]['post']:.0f}"
+                             for k in EFFICACY_METRICS)])
+    return rows
 
 
 def keys_markdown(results: dict) -> str:
@@ -180,6 +208,11 @@ def keys_markdown(results: dict) -> str:
                      f"{s['key_nonzero_mean']:.1f} | {s['key_units_90_mean']:.1f} | "
                      f"{s['kstar_nonzero_mean']:.1f} | {s['u_mass_on_key_mean']:.3f} | "
                      f"{s['top_active_fraction']:.3f} |")
+    if "counterfact" in results["topk"]:
+        lines += ["", "ROME on the same cases, each edited alone (pre → post):", "",
+                  "| model | " + " | ".join(EFFICACY_METRICS) + " |",
+                  "|---" * (len(EFFICACY_METRICS) + 1) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in efficacy_rows(results)]
     lines += ["", "Units with the largest |u_j| (ΔW column norm) in the TopK model:", "",
               "| subject | unit (share of ‖u‖², active) | concept |", "|---|---|---|"]
     for case in results["topk"]["cases"]:

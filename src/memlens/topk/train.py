@@ -60,6 +60,7 @@ class TopKTrainConfig:
     eps: float = 1e-8  # paper
     grad_clip: float = 1.0  # ours (paper: 10); organisms train at a 7× higher lr
     seed: int = 0  # initialisation and data order, shared by both models
+    bf16: bool = False  # bf16 autocast for forward/backward (master weights stay float32)
     checkpoint_every: int = 100  # steps between resumable checkpoints (0 = none)
     keep_steps: tuple[int, ...] | None = None  # TopK snapshots; None → log_steps(steps), () none
     num_threads: int = 2
@@ -259,6 +260,8 @@ def run_settings(cfg: TopKTrainConfig | None) -> dict | None:
     data = json.loads(json.dumps(asdict(cfg)))
     for key in ("progress", "num_threads", "checkpoint_every", "keep_steps"):
         data.pop(key)
+    if not data["bf16"]:
+        data.pop("bf16")  # runs from before the option keep their names and settings
     return data
 
 
@@ -305,7 +308,7 @@ def train_one(
         steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
         weight_decay=cfg.weight_decay, betas=cfg.betas, eps=cfg.eps, grad_clip=cfg.grad_clip,
         seed=cfg.seed, checkpoint_every=cfg.checkpoint_every, num_threads=cfg.num_threads,
-        progress=cfg.progress, log_every=10,
+        progress=cfg.progress, log_every=10, bf16=cfg.bf16,
     )
     result = train(model, train_blocks, trainer_cfg, out, callbacks=callbacks)
     session_tokens = (cfg.steps - result.resumed_from) * cfg.batch_size * train_blocks.shape[1]
