@@ -57,7 +57,7 @@ class DemoConfig:
     topk_auto: int = 4
     topk_neuron_blocks: int = 512  # held-out blocks the neuron entropies are measured on
     topk_eval_limit: int = 100  # items per task of `memlens topk eval` on the pair (0: none)
-    topk_rome_cases: int = 20  # CounterFact cases ROME edits on the TopK twin and the organism
+    topk_rome_cases: int = 10  # CounterFact cases ROME edits on the TopK twin and the organism
     generation_tokens: int = 20
 
     @classmethod
