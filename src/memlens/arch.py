@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from memlens.errors import InvalidArgument, LayerOutOfRange, UnknownArchitecture, UnknownName
+from memlens.offload import read_tensor, write_tensor
 
 Side = Literal["input", "output"]
 Component = Literal[
@@ -195,12 +196,13 @@ class ArchAdapter:
 
     def get_edit_weight(self, model: nn.Module, layer: int) -> torch.Tensor:
         """The edited matrix W of ``layer`` as a (d_model, d_ff) copy: v = W k."""
-        weight = model.get_submodule(self.module_name(layer, "mlp_out")).weight
-        stored = weight.detach()
-        return (stored.T if self.spec.mlp_out_transposed else stored).clone()
+        stored = read_tensor(model, f"{self.module_name(layer, 'mlp_out')}.weight")
+        return stored.T if self.spec.mlp_out_transposed else stored
 
     def set_edit_weight(self, model: nn.Module, layer: int, new: torch.Tensor) -> None:
-        """Write W (d_model, d_ff) back into ``layer``'s edited matrix, in its storage layout."""
+        """Write W (d_model, d_ff) back into ``layer``'s edited matrix, in its storage layout
+        (an offloaded matrix into its weights map: :func:`memlens.offload.write_tensor`)."""
+        name = f"{self.module_name(layer, 'mlp_out')}.weight"
         weight = model.get_submodule(self.module_name(layer, "mlp_out")).weight
         value = new.T if self.spec.mlp_out_transposed else new
         if value.shape != weight.shape:
@@ -209,8 +211,7 @@ class ArchAdapter:
                 f"{tuple(weight.T.shape if self.spec.mlp_out_transposed else weight.shape)}, "
                 f"got {tuple(new.shape)}"
             )
-        with torch.no_grad():
-            weight.copy_(value.to(dtype=weight.dtype, device=weight.device))
+        write_tensor(model, name, value)
 
     def n_kv_heads(self, model: nn.Module) -> int:
         """Number of key/value heads (fewer than query heads under grouped-query attention)."""

@@ -66,3 +66,8 @@ class InputFileError(MemlensError):
 
 class EditDidNotTake(MemlensError):
     """An edit left its requests where they were (see :mod:`memlens.edit.outcome`)."""
+
+
+class OffloadedWeightError(MemlensError):
+    """An operation needs a weight in memory, but the device map offloads its module (see
+    :mod:`memlens.offload`)."""

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from memlens.errors import MemlensError, NumericalError
+from memlens.offload import read_tensor, write_tensor
 
 
 def _digest(tensor: torch.Tensor) -> str:
@@ -46,7 +47,7 @@ class EditHandle:
         missing = [n for n in names if n not in params]
         if missing:
             raise MemlensError(f"cannot record parameters {missing}: the model has no such names")
-        originals = {n: params[n].detach().clone() for n in names}
+        originals = {n: read_tensor(handle.model, n) for n in names}  # offloaded ones too
         return cls(handle=handle, originals=originals, **kwargs)
 
     @property
@@ -65,25 +66,24 @@ class EditHandle:
 
     def seal(self) -> None:
         """Remember the edited values, so that out-of-order undo can be detected."""
-        params = dict(self.handle.model.named_parameters())
-        self._edited = {n: _digest(params[n]) for n in self.originals}
+        model = self.handle.model
+        self._edited = {n: _digest(read_tensor(model, n)) for n in self.originals}
         self.handle.fingerprint(refresh=True)
 
     def undo(self, *, force: bool = False) -> None:
         """Restore every recorded parameter bit-exact and refresh the model's fingerprint."""
         if self.undone:
             return
-        params = dict(self.handle.model.named_parameters())
+        model = self.handle.model
         if not force and self._edited:
-            changed = [n for n, d in self._edited.items() if _digest(params[n]) != d]
+            changed = [n for n, d in self._edited.items() if _digest(read_tensor(model, n)) != d]
             if changed:
                 raise MemlensError(
                     f"parameters {changed} changed after this edit; undo the later edits first "
                     "(or undo(force=True) to restore this edit's originals anyway)"
                 )
-        with torch.no_grad():
-            for name, original in self.originals.items():
-                params[name].copy_(original)
+        for name, original in self.originals.items():
+            write_tensor(model, name, original)  # in place, or into an offloaded weights map
         self.undone = True
         self.handle.fingerprint(refresh=True)
 

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import inspect
 import os
 import re
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,11 +35,13 @@ from memlens.arch import ArchAdapter, adapter_for
 from memlens.cache import BUILDING
 from memlens.errors import (
     HubUnreachable,
+    InputFileError,
     InvalidArgument,
     InvalidModelFiles,
     MemlensError,
     ModelNotFound,
 )
+from memlens.offload import execution_device, materialised_state_dict
 from memlens.tokens import Batch, encode
 
 ORGANISM_PREFIX = "organism:"  # model references "organism:NAME" name a model organism
@@ -131,7 +135,9 @@ class ModelHandle:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the first parameter's device, or with a device map the model's
+        execution device (its first parameter may be offloaded, on ``meta``)."""
+        return execution_device(self.model)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -187,9 +193,9 @@ class ModelHandle:
 def weights_fingerprint(model: nn.Module) -> str:
     """SHA-256 over every parameter and buffer (name, shape, dtype, raw bytes), first 16 hex."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in materialised_state_dict(model):  # offloaded weights from their maps
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())  # no copy
     return digest.hexdigest()[:16]
 
 
@@ -214,23 +220,36 @@ def kv_cache_kwargs(model: nn.Module, cache: Any) -> dict[str, Any]:
 
 def load_model(
     ref: str,
-    device: str | torch.device | None = None,
+    device: str | torch.device | Placement | None = None,
     dtype: torch.dtype | str | None = None,
     *,
+    device_map: str | os.PathLike | Mapping[str, str | int] | None = None,
+    offload_folder: str | os.PathLike | None = None,
+    max_memory: Mapping[str | int, str | int] | None = None,
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
 ) -> ModelHandle:
     """Load a causal LM by hub id, local directory or ``organism:NAME``.
 
-    ``device="auto"`` spreads a large model over the available GPUs (accelerate's
-    ``device_map``); ``None`` picks CUDA when present, else CPU. ``dtype`` (float32, bfloat16,
-    float16 or a torch dtype; None keeps the checkpoint's) sets the weights' precision; the
-    numerics that need it stay in float32/float64 whatever it is (key statistics, the
-    ROME/MEMIT solves, the v*/z optimisation). Use
+    ``device``: cpu, cuda, cuda:1; None picks CUDA when present, else CPU. ``device_map``
+    spreads the model with accelerate instead: ``"auto"``, ``"balanced"``, ``"sequential"``
+    (over the GPUs, then CPU, then disk; ``max_memory`` caps each, e.g. ``{0: "10GiB",
+    "cpu": "30GiB"}``), or a map of module names to devices (a dict, a JSON file or JSON text:
+    ``{"transformer.h.0": "cpu", "transformer.h.1": "disk", ...}``, every module covered).
+    Modules mapped to ``"disk"`` (and to ``"cpu"`` beside GPUs) are offloaded: loaded for each
+    forward from the checkpoint (or ``offload_folder``, needed for non-safetensors weights).
+    ``device="auto"`` is ``device_map="auto"``; a :class:`Placement` carries all of these (the
+    CLI's --device, --device-map and --offload-folder). The map used is
+    ``handle.model.hf_device_map`` (absent when everything sits on one device).
+
+    ``dtype`` (float32, bfloat16, float16 or a torch dtype; None keeps the checkpoint's) sets
+    the weights' precision; the numerics that need it stay in float32/float64 whatever it is
+    (key statistics, the ROME/MEMIT solves, the v*/z optimisation). Use
     ``attn_implementation="eager"`` when attention weights are needed (sdpa returns none).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    place = _placement(device, device_map, offload_folder, max_memory)
     torch_dtype = parse_dtype(dtype)
     source = _resolve_source(ref)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
@@ -238,8 +257,12 @@ def load_model(
         kwargs["dtype"] = torch_dtype
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    if device == "auto":
-        kwargs["device_map"] = "auto"
+    if place.device_map is not None:
+        kwargs["device_map"] = _checked_device_map(source, place.device_map, trust_remote_code)
+        if place.offload_folder is not None:
+            kwargs["offload_folder"] = str(Path(place.offload_folder).expanduser())
+        if place.max_memory is not None:
+            kwargs["max_memory"] = dict(place.max_memory)
     from safetensors import SafetensorError
 
     try:
@@ -247,14 +270,20 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as exc:
         raise ModelNotFound(f"could not load model {ref!r}: {_first_line(exc)}") from None
-    except (ValueError, TypeError, KeyError, SafetensorError) as exc:
+    except (ValueError, TypeError, KeyError, AssertionError, SafetensorError) as exc:
+        if place.device_map is not None and _from_device_map(exc):
+            raise InvalidArgument(
+                f"could not load model {ref!r} with device map {_shown(place.device_map)}: "
+                f"{_first_line(exc)}") from None
+        if isinstance(exc, AssertionError):
+            raise
         raise InvalidModelFiles(
             f"could not load model {ref!r}: its files are incomplete or corrupt (expected a "
             f"config.json with a known model_type, a tokenizer and complete weights; "
             f"{type(exc).__name__}: {_first_line(exc)})") from None
     _reapply_extensions(model)
-    if device != "auto":
-        target = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if place.device_map is None:
+        target = place.device or ("cuda" if torch.cuda.is_available() else "cpu")
         model.to(target)
     model.eval()
     if tokenizer.pad_token_id is None:
@@ -262,6 +291,161 @@ def load_model(
     local = Path(source) if Path(source).is_dir() else None
     return ModelHandle(model=model, tokenizer=tokenizer, arch=adapter_for(model), ref=ref,
                        source_dir=local)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where :func:`load_model` puts a model: one ``device``, or accelerate's ``device_map``
+    with ``offload_folder`` and ``max_memory``. The CLI hands its --device, --device-map and
+    --offload-folder to ``load_model(ref, device=Placement(...))`` as one value."""
+
+    device: str | torch.device | None = None
+    device_map: str | os.PathLike | Mapping[str, str | int] | None = None
+    offload_folder: str | os.PathLike | None = None
+    max_memory: Mapping[str | int, str | int] | None = None
+
+
+#: device_map strategies accelerate computes from the free memory of each device
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _placement(device: Any, device_map: Any, offload_folder: Any, max_memory: Any) -> Placement:
+    """One Placement from load_model's arguments; InvalidArgument when they contradict."""
+    if isinstance(device, Placement):
+        if (device_map, offload_folder, max_memory) != (None, None, None):
+            raise InvalidArgument("give a Placement or device_map/offload_folder/max_memory, "
+                                  "not both")
+        place = device
+        device, device_map = place.device, place.device_map
+        offload_folder, max_memory = place.offload_folder, place.max_memory
+    if device == "auto":  # the older spelling of device_map="auto"
+        if device_map is not None and device_map != "auto":
+            raise InvalidArgument(f"device 'auto' is device_map 'auto'; it contradicts "
+                                  f"device_map {_shown(device_map)}")
+        device, device_map = None, "auto"
+    if device_map is not None:
+        if device is not None:
+            raise InvalidArgument(f"give a device ({device}) or a device map "
+                                  f"({_shown(device_map)}), not both: the map says where "
+                                  "every module goes")
+        if importlib.util.find_spec("accelerate") is None:
+            raise MemlensError("device maps need accelerate: pip install accelerate")
+        device_map = parse_device_map(device_map)
+    elif offload_folder is not None or max_memory is not None:
+        raise InvalidArgument("offload_folder (--offload-folder) and max_memory apply only with "
+                              "a device map (--device-map)")
+    return Placement(device, device_map, offload_folder, max_memory)
+
+
+def parse_device_map(value: str | os.PathLike | Mapping[str, Any]) -> str | dict[str, Any]:
+    """A device map from ``"auto" | "balanced" | "balanced_low_0" | "sequential"``, a dict,
+    JSON text (``'{"": "cpu"}'``) or a JSON file of module names → devices ("cpu", "disk",
+    "cuda:1", 0, ...). InvalidArgument or InputFileError (unreadable file) otherwise."""
+    if isinstance(value, Mapping):
+        mapping: Any = dict(value)
+        origin = "device map"
+    else:
+        text = str(value).strip()
+        if text.lower() in DEVICE_MAP_STRATEGIES:
+            return text.lower()
+        if text.startswith("{"):
+            mapping, origin = _json(text, "device map"), "device map"
+        elif text.endswith(".json") or Path(text).expanduser().exists():
+            from memlens.files import read_text
+
+            path = Path(text).expanduser()
+            origin = f"device map file {str(path)!r}"
+            mapping = _json(read_text(path, "device map file"), origin)
+        else:
+            raise InvalidArgument(
+                f"unknown device map {text!r}: use {', '.join(DEVICE_MAP_STRATEGIES)} or a JSON "
+                'file mapping module names to devices, e.g. {"transformer.h.0": "cpu", '
+                '"transformer.h.1": "disk"}')
+    if not isinstance(mapping, dict) or not mapping:
+        raise InvalidArgument(f"{origin} must be a non-empty JSON object of module name → device")
+    for name, where in mapping.items():
+        if not isinstance(name, str):
+            raise InvalidArgument(f"{origin}: module names must be strings, not {name!r}")
+        mapping[name] = _checked_device(where, f"{origin}: module {name!r}")
+    return mapping
+
+
+def _json(text: str, origin: str) -> Any:
+    import json
+
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputFileError(f"{origin} is not valid JSON: {exc}") from None
+
+
+def _checked_device(where: Any, what: str) -> str | int:
+    """A device map value: "cpu", "disk", "meta", a GPU ("cuda", "cuda:N" or N) that exists,
+    or another torch device type ("mps", "xpu", ...)."""
+    if isinstance(where, bool) or not isinstance(where, str | int):
+        raise InvalidArgument(f"{what} maps to {where!r}; use \"cpu\", \"disk\", \"cuda:N\" or "
+                              "a GPU number")
+    if where in ("disk", "cpu", "meta"):
+        return where
+    try:
+        device = torch.device(where if isinstance(where, str) else f"cuda:{where}")
+    except (RuntimeError, ValueError):
+        raise InvalidArgument(f"{what} maps to unknown device {where!r}; use \"cpu\", \"disk\", "
+                              "\"cuda:N\" or a GPU number") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise InvalidArgument(f"{what} maps to {where!r}, but this machine has "
+                                  f"{count} CUDA device(s)")
+        return device.index if device.index is not None else 0
+    return where
+
+
+def _checked_device_map(source: str, device_map: str | dict[str, Any],
+                        trust_remote_code: bool) -> str | dict[str, Any]:
+    """``device_map`` after checking an explicit one against the model's modules (built on
+    the meta device, no weights read): every name must be a module ("" is the whole model) and
+    every parameter and buffer must fall under one of them."""
+    if isinstance(device_map, str):
+        return device_map
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise InvalidModelFiles(f"could not read the configuration of {source!r} to check the "
+                                f"device map: {_first_line(exc)}") from None
+    modules = {name for name, _ in skeleton.named_modules()}
+    unknown = sorted(name for name in device_map if name not in modules)
+    if unknown:
+        examples = ", ".join(sorted((n for n in modules if n.count(".") <= 2 and n), key=len)[:6])
+        raise InvalidArgument(f"device map names module(s) the model does not have: "
+                              f"{', '.join(unknown)} (its modules include {examples}, ...)")
+    tensors = [n for n, _ in skeleton.named_parameters()] + \
+              [n for n, _ in skeleton.named_buffers()]
+    uncovered = sorted({n.rpartition(".")[0] for n in tensors
+                        if not any(n.startswith(f"{m}.") or m == "" for m in device_map)})
+    if uncovered:
+        shown = ", ".join(uncovered[:8]) + (", ..." if len(uncovered) > 8 else "")
+        raise InvalidArgument(f"device map leaves module(s) without a device: {shown}; map "
+                              "them (or a parent module) too")
+    return device_map
+
+
+def _from_device_map(exc: BaseException) -> bool:
+    """Whether a loading error comes from the device map (accelerate's dispatch, offload)."""
+    import traceback
+
+    text = str(exc).lower()
+    return "device_map" in text or "offload" in text or "cuda" in text or any(
+        "accelerate" in frame.filename for frame in traceback.extract_tb(exc.__traceback__))
+
+
+def _shown(device_map: Any) -> str:
+    text = device_map if isinstance(device_map, str) else str(device_map)
+    return repr(text) if len(text) <= 80 else repr(text[:77] + "...")
 
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,

@@ -33,6 +33,7 @@ import torch
 from memlens.cache import cache_dir
 from memlens.errors import EmptyInput, MemlensError, NumericalError
 from memlens.files import read_text
+from memlens.offload import execution_device
 from memlens.tokens import pad_id, pad_rows
 
 DEFAULT_SAMPLES = 1000  # corpus samples (texts)
@@ -229,6 +230,14 @@ def layer_stats(
     return dict(sorted(result.items()))
 
 
+def accumulate(total: torch.Tensor, update: torch.Tensor, rows: int = 256) -> None:
+    """``total += update`` for a float64 ``total`` and a float32 ``update``, converting a block
+    of ``rows`` rows at a time: the same sums as ``total += update.double()`` without a float64
+    copy of the whole update (GPT-2 XL: 328 MB per layer and batch)."""
+    for start in range(0, update.shape[0], rows):
+        total[start:start + rows] += update[start:start + rows]
+
+
 def _collect(handle: Any, layers: list[int], texts: list[str], max_len: int,
              batch_tokens: int, progress: bool, directory: Path | None,
              checkpoint_every: int) -> dict[int, tuple[torch.Tensor, int]]:
@@ -238,8 +247,9 @@ def _collect(handle: Any, layers: list[int], texts: list[str], max_len: int,
     model, arch, tok = handle.model, handle.arch, handle.tokenizer
     batches = token_batches(tok, texts, max_len, batch_tokens)
     pad = pad_id(tok)
-    devices = {layer: model.get_submodule(arch.module_name(layer, "mlp_out")).weight.device
-               for layer in layers}
+    names = {layer: arch.module_name(layer, "mlp_out") for layer in layers}
+    devices = {layer: execution_device(model.get_submodule(name), model, name)
+               for layer, name in names.items()}  # where it computes (offloaded: on meta)
     d_ff = handle.d_ff
     sums = {layer: torch.zeros(d_ff, d_ff, dtype=torch.float64, device=devices[layer])
             for layer in layers}
@@ -260,7 +270,7 @@ def _collect(handle: Any, layers: list[int], texts: list[str], max_len: int,
     def reader(layer: int):
         def read(k: torch.Tensor) -> None:  # k: (B, T, d_ff)
             keys = k.reshape(-1, k.shape[-1])[mask_flat["m"].to(k.device)].float()
-            sums[layer] += (keys.T @ keys).double()  # Σ k kᵀ: float32 per batch, float64 total
+            accumulate(sums[layer], keys.T @ keys)  # Σ k kᵀ: float32 per batch, float64 total
             if layer == deepest:
                 raise _StopForward
 

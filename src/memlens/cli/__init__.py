@@ -29,6 +29,7 @@ from memlens.cli import (
     topk,
     trace,
 )
+from memlens.cli.options import offer_device_map
 from memlens.errors import MemlensError
 
 app = typer.Typer(
@@ -42,6 +43,7 @@ app = typer.Typer(
 for group in (info, organism, trace, anatomy, edit, evaluate, stats, bench, memorization, topk,
               demo):
     group.register(app)
+offer_device_map(app)  # --device-map and --offload-folder wherever --device is offered
 
 
 def main() -> None:

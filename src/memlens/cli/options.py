@@ -6,10 +6,13 @@
 
 :func:`with_shared` gives commands whose long option lists are shared (knockout and lens,
 memorization, topk) those options, declared once and handed to the command as one object.
+:func:`offer_device_map` adds --device-map and --offload-folder to every command that has
+--device (``memlens.cli`` applies it once to the whole app).
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 from collections.abc import Callable, Sequence
@@ -32,6 +35,13 @@ ModelOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON only.")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Directory for results and figures.")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:1 or auto.")]
+DeviceMapOpt = Annotated[str | None, typer.Option(
+    "--device-map", help="Spread the model with accelerate: auto, balanced, sequential, or a "
+    'JSON file of module name → device ({"transformer.h.0": "cuda:0", "transformer.h.1": '
+    '"disk", ...}). Instead of --device.')]
+OffloadFolderOpt = Annotated[Path | None, typer.Option(
+    "--offload-folder", help="Directory for weights the device map sends to \"disk\" (needed "
+    "only for checkpoints that are not safetensors).")]
 DtypeOpt = Annotated[str | None, typer.Option(
     "--dtype", help="Weights' precision: float32, bfloat16 or float16 (default: the checkpoint's). Statistics, solves and v*/z optimisation stay float32/float64.")]
 TraceWindowOpt = Annotated[int | None, typer.Option("--window", help="Layers restored together "
@@ -81,6 +91,47 @@ def chosen_facts(path: Path, n: int | None, relation: str | None) -> list[dict[s
     from memlens.trace import load_facts, select_facts
 
     return select_facts(load_facts(path), n, relation.split(",") if relation else None)
+
+
+def with_device_map(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` with --device-map and --offload-folder after its --device (``DeviceOpt``); when
+    either is given, ``fn`` receives ``device=Placement(device, device_map, offload_folder)``,
+    which it hands to :func:`memlens.model.load_model` as before. ``fn`` itself when it has no
+    --device."""
+    signature = inspect.signature(fn, eval_str=True)
+    params = list(signature.parameters.values())
+    at = next((i for i, p in enumerate(params) if p.name == "device"
+               and p.annotation is DeviceOpt), None)
+    if at is None or "device_map" in signature.parameters:
+        return fn
+    kind = params[at].kind
+    added = [inspect.Parameter("device_map", kind, default=None, annotation=DeviceMapOpt),
+             inspect.Parameter("offload_folder", kind, default=None,
+                               annotation=OffloadFolderOpt)]
+
+    @functools.wraps(fn)
+    def command(*args: Any, **values: Any) -> Any:
+        device_map, offload_folder = values.pop("device_map"), values.pop("offload_folder")
+        if device_map is not None or offload_folder is not None:
+            from memlens.model import Placement
+
+            values["device"] = Placement(values.get("device"), device_map, offload_folder)
+        return fn(*args, **values)
+
+    command.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[*params[:at + 1], *added, *params[at + 1:]])
+    return command
+
+
+def offer_device_map(app: typer.Typer) -> None:
+    """Give every command of ``app`` (and of its groups) that has --device the options of
+    :func:`with_device_map`: declared once here instead of in each command."""
+    for info in app.registered_commands:
+        if info.callback is not None:
+            info.callback = with_device_map(info.callback)
+    for group in app.registered_groups:
+        if group.typer_instance is not None:
+            offer_device_map(group.typer_instance)
 
 
 def option(name: str, annotation: Any, default: Any) -> inspect.Parameter:

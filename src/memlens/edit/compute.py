@@ -18,6 +18,7 @@ import torch
 
 from memlens import hooks
 from memlens.edit.requests import EditRequest
+from memlens.offload import read_tensor
 from memlens.tokens import subject_span
 
 
@@ -68,7 +69,8 @@ def compute_k_star(handle: Any, request: EditRequest, layer: int, templates: Seq
 def mlp_output_of(handle: Any, layer: int, k: torch.Tensor) -> torch.Tensor:
     """v = W k + b: what the edited matrix (with its bias) writes for key ``k``."""
     W = handle.arch.get_edit_weight(handle.model, layer).float()
-    module = handle.model.get_submodule(handle.arch.module_name(layer, "mlp_out"))
-    bias = getattr(module, "bias", None)
-    v = W @ k.to(W.device, W.dtype)
-    return v if bias is None else v + bias.detach().float()
+    name = handle.arch.module_name(layer, "mlp_out")
+    if getattr(handle.model.get_submodule(name), "bias", None) is None:
+        return W @ k.to(W.device, W.dtype)
+    bias = read_tensor(handle.model, f"{name}.bias")  # an offloaded bias from its weights map
+    return W @ k.to(W.device, W.dtype) + bias.float().to(W.device)

@@ -27,6 +27,7 @@ from memlens.edit.outcome import measure, record_outcome
 from memlens.edit.requests import EditRequest, coerce_request, validate_request
 from memlens.errors import EmptyInput, MemlensError, NumericalError
 from memlens.ledger import EditHandle, edit_weight_name
+from memlens.offload import require_resident
 from memlens.tokens import pad_id, pad_rows
 
 FT_L_EPSILON = 5e-4  # the ROME paper's L∞ bound for FT-L
@@ -126,6 +127,7 @@ def apply_ft(
     name = edit_weight_name(handle, layer)  # range check with a clear message
     batch = [t.to(handle.device) for t in _rows(handle, reqs, targets)]
     method = "ft" if hp.norm_constraint is None else "ft-l"
+    require_resident(handle.model, [name], f"fine-tuning ({method}) layer {layer}")
     before = measure(handle, reqs)
     edit = EditHandle.snapshot(handle, [name], layers=[layer])
     weight = dict(handle.model.named_parameters())[name]

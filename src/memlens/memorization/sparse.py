@@ -29,6 +29,7 @@ from memlens.memorization.attribute import gradients, only_these_require_grad, w
 from memlens.memorization.contrastive import ContrastiveObjective
 from memlens.memorization.data import PREFIX_LEN
 from memlens.memorization.scan import evaluate
+from memlens.offload import require_resident
 
 Method = Literal["sparse", "random", "full"]
 FRACTION = 0.001  # paper: 0.1% of the attention + MLP weights
@@ -123,6 +124,7 @@ def sparse_update(
     model = handle.model
     slots = [s for s in weight_slots(handle) if mask.masks[s.name].any()]
     params = {s.name: s.param for s in slots}
+    require_resident(model, list(params), "the memorization sparse update (Adam on the weights)")
     edit = EditHandle.snapshot(handle, list(params), log={
         "method": f"memorization-{objective.mode}", "mask": mask.method,
         "n_weights": mask.n_selected, "lr": lr, "steps": steps, "weight_decay": weight_decay})

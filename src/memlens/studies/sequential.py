@@ -40,6 +40,7 @@ from memlens.errors import MemlensError
 from memlens.evaluate.counterfact import CounterFactCase
 from memlens.figures import finish_figure, pyplot
 from memlens.ledger import EditHandle
+from memlens.offload import read_tensor, write_tensor
 from memlens.scoring import score_targets
 from memlens.studies.scaling import _quality, valid_cases
 
@@ -218,10 +219,9 @@ def _save_round(handle: Any, plan: Any, out: Path | None, name: str, key: str, r
     if out is None:
         return
     out.mkdir(parents=True, exist_ok=True)
-    params = dict(handle.model.named_parameters())
     names = sorted({n for e in edits for n in e.originals})
     kkt = _state_keys(handle, plan)
-    blob = {"key": key, "round": r, "weights": {n: params[n].detach().cpu().clone()
+    blob = {"key": key, "round": r, "weights": {n: read_tensor(handle.model, n).cpu()
                                                 for n in names}, "kkt": kkt}
     tmp = out / f"state-{name}.pt.tmp"
     torch.save(blob, tmp)
@@ -251,10 +251,8 @@ def _resume(handle: Any, plan: Any, out: Path | None, name: str, key: str, finis
                            "the output directory to start again")
     edit = EditHandle.snapshot(handle, list(blob["weights"]), log={"method": f"{name} "
                                f"(rounds 1-{finished}, resumed)"})
-    params = dict(handle.model.named_parameters())
-    with torch.no_grad():
-        for n, value in blob["weights"].items():
-            params[n].copy_(value.to(params[n].device))
+    for n, value in blob["weights"].items():
+        write_tensor(handle.model, n, value)  # offloaded weights into their weights maps
     edit.seal()
     if blob["kkt"] is not None:
         from memlens.edit.alphaedit import AlphaEditState
