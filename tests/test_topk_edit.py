@@ -120,19 +120,24 @@ def test_rome_key_of_a_topk_layer_has_exactly_k_units(topk_dirs):
     assert "| topk | 0 | 128 | 8 |" in keys_markdown(results)
 
 
-def test_cli_rome_keys_compares_the_twins(topk_dirs, tmp_path):
+def _rome_keys(topk_dirs, tmp_path, edits: list[tuple[str, str]], *options: str) -> dict:
+    """``topk rome-keys --json`` on CounterFact cases "{subject} is a city in" → new."""
     records = [{"case_id": i, "requested_rewrite": {
         "prompt": "{} is a city in", "subject": subject, "target_new": {"str": new},
         "target_true": {"str": "France"}, "relation_id": "P17"}}
-        for i, (subject, new) in enumerate([("Toulouse", "Japan"), ("Paris", "Tokyo")])]
+        for i, (subject, new) in enumerate(edits)]
     organism = tmp_path / "organism"
     organism.mkdir()
     (organism / "counterfact.json").write_text(json.dumps(records))
     (organism / "corpus.txt").write_text((topk_dirs / "corpus.txt").read_text())
     res = _run("topk", "rome-keys", "--model", topk_dirs / "topk", "--twin", topk_dirs / "dense",
-               "--organism", organism, "--n", "2", "--layer", "0", "--out", tmp_path / "k",
-               "--json")
-    summary = json.loads(res.stdout[res.stdout.index("{"):])
+               "--organism", organism, "--n", str(len(edits)), "--layer", "0", "--out",
+               tmp_path / "k", "--json", *options)
+    return json.loads(res.stdout[res.stdout.index("{"):])
+
+
+def test_cli_rome_keys_compares_the_twins(topk_dirs, tmp_path):
+    summary = _rome_keys(topk_dirs, tmp_path, [("Toulouse", "Japan"), ("Paris", "Tokyo")])
     assert summary["topk"]["key_nonzero_mean"] == K and summary["topk"]["n"] == 2
     assert summary["dense"]["key_nonzero_mean"] > K
     assert (tmp_path / "k" / "rome_keys.md").is_file()
@@ -141,17 +146,7 @@ def test_cli_rome_keys_compares_the_twins(topk_dirs, tmp_path):
 
 def test_cli_rome_keys_efficacy_edits_both_twins(topk_dirs, tmp_path):
     """--efficacy: ROME edits the same cases on both models; ES/PS/NS/Score pre and post."""
-    records = [{"case_id": 0, "requested_rewrite": {
-        "prompt": "{} is a city in", "subject": "Toulouse", "target_new": {"str": "Japan"},
-        "target_true": {"str": "France"}, "relation_id": "P17"}}]
-    organism = tmp_path / "organism"
-    organism.mkdir()
-    (organism / "counterfact.json").write_text(json.dumps(records))
-    (organism / "corpus.txt").write_text((topk_dirs / "corpus.txt").read_text())
-    res = _run("topk", "rome-keys", "--model", topk_dirs / "topk", "--twin", topk_dirs / "dense",
-               "--organism", organism, "--n", "1", "--layer", "0", "--out", tmp_path / "k",
-               "--efficacy", "--json")
-    summary = json.loads(res.stdout[res.stdout.index("{"):])
+    summary = _rome_keys(topk_dirs, tmp_path, [("Toulouse", "Japan")], "--efficacy")
     for name in ("topk", "dense"):
         cf = summary[name]["counterfact"]
         assert cf["n"]["post"] == 1 and set(cf) == {"n", "ES", "PS", "NS", "Score"}
