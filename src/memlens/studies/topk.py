@@ -136,6 +136,7 @@ def train_like_organism(organism: str, out: str | Path, cfg: TopKTrainConfig | N
 
         pair = train_like_organism("organism:facts-gpt2", "runs/topk-organism")
     """
+    from memlens.model import load_model
     from memlens.organisms.build import make_training_data
     from memlens.topk.train import ModelReport, sparsity_report, train_one
     from memlens.trainer import evaluate_loss
@@ -151,8 +152,6 @@ def train_like_organism(organism: str, out: str | Path, cfg: TopKTrainConfig | N
     train = torch.tensor(blocks, dtype=torch.long)
     _, heldout = text_blocks(corpus.tokenizer, corpus.text, spec.block_size)
     _, topk = train_one("topk", corpus.config, corpus.tokenizer, train, heldout, cfg, out / "topk")
-    from memlens.model import load_model
-
     organism_dir = resolve(organism)
     topk_model = load_model(str(out / "topk"), device="cpu")
     organism_files_for(topk_model, organism_dir, out / "topk")
