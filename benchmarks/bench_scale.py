@@ -116,6 +116,7 @@ def build(name: str, dtype: torch.dtype, seed: int = 0):
 
 def run_child(name: str, dtype_name: str, args: argparse.Namespace) -> dict:
     """Every stage on one (model, dtype); returns seconds and peak RSS after each."""
+    from memlens.allocator import return_freed_memory
     from memlens.edit import EditRequest
     from memlens.edit.hparams import ROMEHyperParams
     from memlens.edit.layers import middle_band
@@ -125,6 +126,7 @@ def run_child(name: str, dtype_name: str, args: argparse.Namespace) -> dict:
     from memlens.testing import random_text
     from memlens.trace import trace_fact
 
+    return_freed_memory()  # as the memlens command line does before each command
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, dtype_name)
     stages: list[dict] = []

@@ -24,7 +24,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "memlens"
 #: Lowest layer first. A module belongs to the layer of its longest listed prefix.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("core", ("memlens", "memlens.errors", "memlens.cache", "memlens.files", "memlens.missing",
-              "memlens.arch", "memlens.offload", "memlens.hooks", "memlens.tokens", "memlens.model",
+              "memlens.allocator", "memlens.arch", "memlens.offload", "memlens.hooks", "memlens.tokens", "memlens.model",
               "memlens.ledger", "memlens.scoring", "memlens.stats", "memlens.stats_io",
               "memlens.topk_mlp",
               "memlens.trainer", "memlens.figures", "memlens.testing")),

@@ -178,6 +178,10 @@ def test_layer_delta_of_one_fact_is_the_rank_one_insertion():
         expected = r @ u.T / (lam + float(k.T @ u))
         torch.testing.assert_close(memit_layer_delta(k, r, C, lam, 0), expected)
     torch.testing.assert_close(memit_layer_delta(k, r, C, 1e-9, 0) @ k, r, atol=1e-6, rtol=1e-6)
+    kept, spent = C.clone(), C.clone()
+    assert torch.equal(memit_layer_delta(k, r, spent, 0.5, 0, overwrite_c=True),
+                       memit_layer_delta(k, r, kept, 0.5, 0))
+    assert torch.equal(kept, C) and not torch.equal(spent, C)  # only the disposable C is used
 
 
 def test_layer_delta_rejects_nan():
@@ -229,6 +233,25 @@ def test_memit_moves_targets_and_undo_is_bit_exact(model, request, corpus):
     assert_same_state(handle, before)
 
 
+def test_memit_reading_each_c_from_the_cache_equals_holding_them(gpt2, corpus):
+    from memlens.stats import StatsFiles, layer_stats
+
+    hp = RANDOM_HP
+    held = layer_stats(gpt2, [1, 2], corpus=str(corpus), n_samples=hp.mom2_n_samples,
+                       max_len=hp.mom2_max_len, progress=False)
+    files = layer_stats(gpt2, [1, 2], corpus=str(corpus), n_samples=hp.mom2_n_samples,
+                        max_len=hp.mom2_max_len, progress=False, max_pass_bytes=1)
+    assert isinstance(held, dict) and isinstance(files, StatsFiles)
+    weights = []
+    for stats in (held, files):
+        edit = apply_memit(gpt2, REQUESTS, layers=[1, 2], hparams=hp, stats=stats,
+                           progress=False)
+        weights.append([gpt2.arch.get_edit_weight(gpt2.model, layer).clone() for layer in (1, 2)])
+        edit.undo()
+    assert all(torch.equal(a, b) for a, b in zip(*weights, strict=True))
+    assert torch.equal(held[1].mom2, files[1].mom2)  # the held C was not overwritten
+
+
 def test_memit_sequential_batches_and_undo(gpt2, corpus):
     before = state(gpt2)
     edit = apply_memit(gpt2, REQUESTS, layers=[1, 2], hparams=RANDOM_HP.replace(batch_size=2),
@@ -244,10 +267,10 @@ def test_failure_at_a_later_layer_restores_the_earlier_ones(gpt2, corpus, monkey
     before = state(gpt2)
     real = memit.memit_layer_delta
 
-    def fail_second(K, resid, C, lam, layer):
+    def fail_second(K, resid, C, lam, layer, **kwargs):
         if layer == 2:
             raise NumericalError("injected")
-        return real(K, resid, C, lam, layer)
+        return real(K, resid, C, lam, layer, **kwargs)
 
     monkeypatch.setattr(memit, "memit_layer_delta", fail_second)
     with pytest.raises(NumericalError, match="injected"):

@@ -129,3 +129,38 @@ def test_parse_layers():
     assert parse_layers("1-2,6") == [1, 2, 6]
     with pytest.raises(MemlensError):
         parse_layers("a-b")
+
+
+def test_passes_bounded_by_memory_equal_one_pass_and_stay_on_disk(gpt2, tmp_path,
+                                                                   monkeypatch):
+    import memlens.stats as stats_module
+    from memlens.stats import StatsFiles
+
+    corpus = random_corpus(tmp_path / "c.txt", n=40)
+    one_pass = layer_stats(gpt2, [0, 1, 2], corpus=corpus, progress=False, cache=False)
+    passes: list[list[int]] = []
+    collect = stats_module._collect
+
+    def counting(handle, layers, *args):
+        passes.append(list(layers))
+        return collect(handle, layers, *args)
+
+    monkeypatch.setattr(stats_module, "_collect", counting)
+    budget = 2 * gpt2.d_ff ** 2 * 8  # two layers' float64 sums per pass
+    bounded = layer_stats(gpt2, [0, 1, 2], corpus=corpus, progress=False, max_pass_bytes=budget)
+    assert passes == [[0, 1], [2]]
+    assert isinstance(bounded, StatsFiles) and list(bounded) == [0, 1, 2]
+    for layer in (0, 1, 2):
+        read = bounded[layer]
+        assert read.disposable and not one_pass[layer].disposable
+        assert torch.equal(read.mom2, one_pass[layer].mom2)
+        assert read.count == one_pass[layer].count
+        assert read.mom2 is not bounded[layer].mom2  # a fresh copy on every lookup
+    with pytest.raises(KeyError):
+        bounded[3]
+    passes.clear()
+    assert isinstance(layer_stats(gpt2, [0, 1, 2], corpus=corpus, progress=False,
+                                  max_pass_bytes=budget), StatsFiles)
+    assert passes == []  # read from the cache
+    held = layer_stats(gpt2, [1, 2], corpus=corpus, progress=False, max_pass_bytes=budget)
+    assert isinstance(held, dict) and torch.equal(held[2].mom2, one_pass[2].mom2)

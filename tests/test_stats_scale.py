@@ -100,3 +100,23 @@ def test_reference_npz_written_as_the_reference_does(gpt2, tmp_path):
                                         "mom2.mom2": np.eye(gpt2.d_ff + 1)})
     with pytest.raises(MemlensError, match="d_ff"):
         import_reference_stats(tmp_path / "wrong.npz", 3, handle=gpt2)
+
+
+def test_stats_command_with_pass_gib_equals_the_api(random_model_dirs, corpus):
+    import json
+
+    from typer.testing import CliRunner
+
+    from memlens.cli import app
+
+    ref = str(random_model_dirs["gpt2"])
+    result = CliRunner().invoke(app, ["stats", "-m", ref, "--layers", "0-2", "--corpus",
+                                      str(corpus), "--samples", "40", "--max-len", "64", "--batch-tokens", "256",
+                                      "--pass-gib", "0.001", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    one = layer_stats(load_model(ref, device="cpu"), [0, 1, 2], corpus=corpus, **KW)
+    assert [r["layer"] for r in rows] == [0, 1, 2]
+    for row in rows:
+        assert row["count"] == one[row["layer"]].count
+        assert row["trace"] == pytest.approx(float(one[row["layer"]].mom2.trace()), rel=1e-12)

@@ -1,14 +1,20 @@
-"""Second moments of MLP keys, C = E[k kᵀ], for every requested layer in ONE pass over a corpus.
+"""Second moments of MLP keys, C = E[k kᵀ], of many layers, in as few passes over a corpus as
+memory allows.
 
     stats = layer_stats(handle, [3, 4, 5])            # the organism's corpus.txt by default
     C = stats[4].mom2                                 # (d_ff, d_ff) float64, uncentered
     stats[4].count                                    # number of tokens averaged
 
 k is the input of the edited matrix W (hook ``blocks.L.mlp.hook_post``), read at every non-pad
-token; each batch's Σ k kᵀ is formed in float32 (≤ batch_tokens terms) and added to float64
-sums. Results are cached atomically under
+token; each batch's Σ k kᵀ is formed in float32 (≤ batch_tokens terms), 256 rows at a time,
+and added to float64 sums. One pass sums as many layers as fit in ``max_pass_bytes`` of
+float64 (default 1 GiB: every layer of the organisms, three of GPT-2 XL's 328 MB, one of
+Llama-3-8B's 1.6 GB); more layers take more passes, each stopping at its deepest layer.
+Results are cached atomically under
 ``$MEMLENS_HOME/stats/<model fingerprint>/<corpus>-n<samples>-len<max_len>/layer<L>.safetensors``;
-a run checkpoints its partial sums every few batches and resumes after an interrupt.
+when all requested C's together exceed ``max_pass_bytes``, they stay there and each is read
+when it is looked up (:class:`StatsFiles`), so a MEMIT band of a large model holds one C at a
+time. A run checkpoints its partial sums every few batches and resumes after an interrupt.
 Under ``torchrun`` (torch.distributed initialised) each rank sums every world-size-th batch and
 one all-reduce adds the ranks' sums: the result equals the single-process one.
 A corpus is a text file (one sample per non-empty line), JSON/JSONL (strings or {"text": ...}),
@@ -23,7 +29,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +46,7 @@ DEFAULT_SAMPLES = 1000  # corpus samples (texts)
 DEFAULT_MAX_LEN = 256  # tokens per sample, further capped by the model's context
 DEFAULT_BATCH_TOKENS = 2048  # padded tokens per forward pass
 CHECKPOINT_EVERY = 20  # batches between checkpoints of the partial sums
+DEFAULT_PASS_BYTES = 1 << 30  # float64 sums one corpus pass holds (GPT-2 XL: 3 layers)
 
 
 @dataclass
@@ -52,6 +59,7 @@ class KeyStats:
     corpus: str = ""  # corpus key (name + content hash)
     n_samples: int = 0  # samples requested
     fingerprint: str = ""  # model fingerprint the keys were read from
+    disposable: bool = False  # mom2 was read for this lookup alone: its user may overwrite it
 
     def check_finite(self) -> None:
         """Raise NumericalError if C holds NaN/inf (e.g. a corrupted cache or model)."""
@@ -189,11 +197,15 @@ def layer_stats(
     progress: bool = True,
     cache: bool = True,
     checkpoint_every: int = CHECKPOINT_EVERY,
-) -> dict[int, KeyStats]:
-    """C = E[k kᵀ] of the edited matrix's input for each of ``layers``, in one corpus pass.
+    max_pass_bytes: int = DEFAULT_PASS_BYTES,
+) -> Mapping[int, KeyStats]:
+    """C = E[k kᵀ] of the edited matrix's input for each of ``layers``, layer → KeyStats.
 
-    Cached layers are loaded; the missing ones are computed together, with partial sums
-    checkpointed every ``checkpoint_every`` batches (an interrupted run resumes).
+    Cached layers are loaded; the missing ones are summed as many per corpus pass as fit in
+    ``max_pass_bytes`` of float64, with partial sums checkpointed every ``checkpoint_every``
+    batches (an interrupted run resumes). A dict, or, when the requested C's together exceed
+    ``max_pass_bytes`` and the cache is on, a :class:`StatsFiles` that reads each from the
+    cache when it is looked up.
 
         stats = layer_stats(handle, range(3, 9), corpus="wiki.txt", n_samples=5000)
         C_inv_k = torch.linalg.solve(stats[5].mom2, k_star.double())
@@ -203,45 +215,84 @@ def layer_stats(
         raise EmptyInput("no layers requested")
     for layer in layers:
         handle.arch.module_name(layer, "mlp_out")  # range check with a clear message
-    if n_samples < 1 or batch_tokens < 1 or max_len < 1:
-        raise MemlensError("n_samples, batch_tokens and max_len must be positive")
+    if n_samples < 1 or batch_tokens < 1 or max_len < 1 or max_pass_bytes < 1:
+        raise MemlensError("n_samples, batch_tokens, max_len and max_pass_bytes must be "
+                           "positive")
     max_len = min(max_len, handle.max_length or max_len)
     texts, corpus_key = load_corpus(handle, corpus, n_samples)
     fingerprint = handle.fingerprint()
     directory = cache_dir("stats") / fingerprint / f"{corpus_key}-n{n_samples}-len{max_len}"
-    result: dict[int, KeyStats] = {}
-    if cache:
-        for layer in layers:
+    layer_bytes = handle.d_ff ** 2 * 8
+    on_disk = cache and _data_parallel()[1] == 1 and len(layers) * layer_bytes > max_pass_bytes
+    held: dict[int, KeyStats] = {}
+    if on_disk:
+        missing = [layer for layer in layers
+                   if not (directory / f"layer{layer}.safetensors").is_file()]
+    else:
+        for layer in layers if cache else []:
             cached = _load(directory, layer)
             if cached is not None:
-                result[layer] = cached
-    missing = [layer for layer in layers if layer not in result]
-    if missing:
-        computed = _collect(handle, missing, texts, max_len, batch_tokens, progress,
+                held[layer] = cached
+        missing = [layer for layer in layers if layer not in held]
+    per_pass = max(1, max_pass_bytes // layer_bytes)
+    for start in range(0, len(missing), per_pass):
+        group = missing[start:start + per_pass]
+        computed = _collect(handle, group, texts, max_len, batch_tokens, progress,
                             directory if cache else None, checkpoint_every)
-        for layer, (mom2, count) in computed.items():
+        for layer in group:
+            mom2, count = computed.pop(layer)
             stats = KeyStats(layer, mom2, count, corpus_key, n_samples, fingerprint)
             stats.check_finite()
             if cache and _data_parallel()[0] == 0:  # under torchrun rank 0 writes the cache
                 _save(directory, stats)
-            result[layer] = stats
-    for stats in result.values():
+            if not on_disk:
+                held[layer] = stats
+            del stats, mom2
+    if on_disk:
+        return StatsFiles(directory, layers)
+    for stats in held.values():
         stats.check_finite()
-    return dict(sorted(result.items()))
+    return dict(sorted(held.items()))
 
 
-def accumulate(total: torch.Tensor, update: torch.Tensor, rows: int = 256) -> None:
-    """``total += update`` for a float64 ``total`` and a float32 ``update``, converting a block
-    of ``rows`` rows at a time: the same sums as ``total += update.double()`` without a float64
-    copy of the whole update (GPT-2 XL: 328 MB per layer and batch)."""
-    for start in range(0, update.shape[0], rows):
-        total[start:start + rows] += update[start:start + rows]
+class StatsFiles(Mapping[int, KeyStats]):
+    """Cached key statistics of several layers, each read from its file when it is looked up
+    and not kept: ``stats[layer]`` is a fresh, checked :class:`KeyStats` (``disposable``)."""
+
+    def __init__(self, directory: Path, layers: Sequence[int]):
+        self.directory, self.layers = directory, sorted(layers)
+
+    def __getitem__(self, layer: int) -> KeyStats:
+        if layer not in self.layers:
+            raise KeyError(layer)
+        stats = _load(self.directory, layer)
+        if stats is None:
+            raise MemlensError(f"the cached key statistics of layer {layer} are gone from "
+                               f"{self.directory}; compute them again")
+        stats.check_finite()
+        stats.disposable = True
+        return stats
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+
+def add_gram(total: torch.Tensor, keys: torch.Tensor, rows: int = 256) -> None:
+    """``total += keys.T @ keys`` for a float64 ``total`` (d, d) and float32 ``keys`` (n, d),
+    ``rows`` rows of the float32 product at a time: no d × d float32 product, nor a float64
+    copy of one (GPT-2 XL: 164 and 328 MB per layer and batch)."""
+    for start in range(0, keys.shape[1], rows):
+        total[start:start + rows] += keys[:, start:start + rows].T @ keys
 
 
 def _collect(handle: Any, layers: list[int], texts: list[str], max_len: int,
              batch_tokens: int, progress: bool, directory: Path | None,
              checkpoint_every: int) -> dict[int, tuple[torch.Tensor, int]]:
-    """Run the corpus once with a key-reading hook on every layer; return (C, N) per layer."""
+    """Run the corpus once with a key-reading hook on every layer of ``layers``; return (C, N)
+    per layer."""
     from memlens import hooks
 
     model, arch, tok = handle.model, handle.arch, handle.tokenizer
@@ -270,7 +321,7 @@ def _collect(handle: Any, layers: list[int], texts: list[str], max_len: int,
     def reader(layer: int):
         def read(k: torch.Tensor) -> None:  # k: (B, T, d_ff)
             keys = k.reshape(-1, k.shape[-1])[mask_flat["m"].to(k.device)].float()
-            accumulate(sums[layer], keys.T @ keys)  # Σ k kᵀ: float32 per batch, float64 total
+            add_gram(sums[layer], keys)  # Σ k kᵀ: float32 per batch, float64 total
             if layer == deepest:
                 raise _StopForward
 

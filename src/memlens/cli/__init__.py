@@ -51,7 +51,10 @@ def main() -> None:
     such as a full disk) into one-line messages and exit code 2. MEMLENS_DEBUG=1 re-raises
     them with their traceback."""
     try:
+        from memlens.allocator import return_freed_memory
         from memlens.files import check_unicode
+
+        return_freed_memory()  # a billion-parameter model's freed activations go back at once
 
         for i, arg in enumerate(sys.argv[1:], start=1):
             check_unicode(arg, f"command-line argument {i}")

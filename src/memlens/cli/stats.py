@@ -27,17 +27,22 @@ def stats(
                                               "forward pass.")] = 2048,
     max_len: Annotated[int, typer.Option("--max-len", help="Tokens per sample (≤ context).")]
     = 256,
+    pass_gib: Annotated[float, typer.Option(
+        "--pass-gib", min=0.001, help="GiB of float64 sums one corpus pass may hold: layers "
+        "beyond it take more passes.")] = 1.0,
     as_json: JsonOpt = False,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
 ):
-    """Second moments C = E(k kᵀ) of the MLP keys of many layers, in one cached pass."""
+    """Second moments C = E(k kᵀ) of the MLP keys of many layers, cached; as few corpus passes
+    as --pass-gib allows (one for every layer of a small model)."""
     from memlens.model import load_model
     from memlens.stats import layer_stats, parse_layers
 
     handle = load_model(model, device=device, dtype=dtype)
     result = layer_stats(handle, parse_layers(layers), corpus=corpus, n_samples=samples,
-                         batch_tokens=batch_tokens, max_len=max_len, progress=not as_json)
+                         batch_tokens=batch_tokens, max_len=max_len, progress=not as_json,
+                         max_pass_bytes=int(pass_gib * 2**30))
     rows = [s.meta() for s in result.values()]
     if as_json:
         print_json(rows)

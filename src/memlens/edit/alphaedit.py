@@ -34,7 +34,7 @@ one state per prepared plan (:class:`memlens.edit.editors.Plan`), so sequential 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -141,7 +141,7 @@ def apply_alphaedit(
     *,
     layers: Sequence[int] | None = None,
     hparams: AlphaEditHyperParams | None = None,
-    stats: dict[int, KeyStats] | None = None,
+    stats: Mapping[int, KeyStats] | None = None,
     corpus: str | None = None,
     templates: list[str] | None = None,
     state: AlphaEditState | None = None,

@@ -16,7 +16,7 @@ editor is one entry here.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +38,7 @@ class Plan:
     layers: list[int]  # one layer for one-layer editors (ROME, FT), the band R for MEMIT
     layer_source: str  # "user", "hparams", or how a causal trace chose them
     hparams: Any
-    stats: dict[int, Any] | None = None  # layer → KeyStats, when the editor uses C
+    stats: Mapping[int, Any] | None = None  # layer → KeyStats, when the editor uses C
     templates: list[str] | None = None  # context templates, when the editor uses them
     #: what an editor carries from one application to the next (AlphaEdit: the keys of its
     #: earlier edits still applied, memlens.edit.alphaedit.AlphaEditState)

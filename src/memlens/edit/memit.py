@@ -23,7 +23,8 @@ code, so λ C = (λ/N) K₀K₀ᵀ: each inserted key weighs as much as N/λ cor
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections import ChainMap
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -117,31 +118,42 @@ def memit_layers(handle: Any, requests: Sequence[EditRequest], layers: Sequence[
     return sorted({int(layer) for layer in band}), source
 
 
-def _stats_for(handle: Any, layers: list[int], stats: dict[int, KeyStats] | None,
-               hp: MEMITHyperParams, corpus: str | None, progress: bool) -> dict[int, KeyStats]:
-    given = dict(stats or {})
+def _stats_for(handle: Any, layers: list[int], stats: Mapping[int, KeyStats] | None,
+               hp: MEMITHyperParams, corpus: str | None, progress: bool
+               ) -> Mapping[int, KeyStats]:
+    """C of every layer of the band: ``stats`` where given, the rest computed (or read from
+    the cache). A large model's C's stay in the cache (:class:`~memlens.stats.StatsFiles`):
+    each is read, and checked here once, when it is needed."""
+    given = stats or {}
     missing = [layer for layer in layers if layer not in given]
-    if missing:
-        given.update(layer_stats(handle, missing, corpus=corpus, n_samples=hp.mom2_n_samples,
-                                 max_len=hp.mom2_max_len, progress=progress))
+    computed = layer_stats(handle, missing, corpus=corpus, n_samples=hp.mom2_n_samples,
+                           max_len=hp.mom2_max_len, progress=progress) if missing else {}
     for layer in layers:
-        if given[layer].layer != layer:
+        if layer in given and given[layer].layer != layer:
             raise MemlensError(f"statistics given for layer {layer} are of layer "
                                f"{given[layer].layer}")
-        given[layer].check_finite()
-    return given
+        if layer in given:
+            given[layer].check_finite()
+    if not given:
+        return computed
+    if not computed:
+        return given
+    return ChainMap(dict(given), computed)  # type: ignore[arg-type]
 
 
 def memit_layer_delta(K: torch.Tensor, resid: torch.Tensor, C: torch.Tensor | None,
-                      lam: float, layer: int) -> torch.Tensor:
+                      lam: float, layer: int, *, overwrite_c: bool = False) -> torch.Tensor:
     """Δ = R Kᵀ (λ C + K Kᵀ)⁻¹ in float64, from K (d_ff, n), R (d_model, n), C (d_ff, d_ff);
-    C None means the identity. Raises NumericalError (nothing written) if not finite."""
+    C None means the identity. ``overwrite_c``: a float64 C on K's device may become
+    λC + KKᵀ in place (one d_ff² buffer fewer: 328 MB at GPT-2 XL's d_ff). Raises
+    NumericalError (nothing written) if not finite."""
     K, resid = K.double(), resid.double()
     if C is None:
         A = K @ K.T
         A.diagonal().add_(lam)
-    else:  # one (d_ff, d_ff) buffer: λC, then + KKᵀ in place (GPT-2 XL: 328 MB each)
-        A = torch.mul(C.to(K.device, torch.float64), lam)
+    else:  # one (d_ff, d_ff) buffer: λC, then + KKᵀ in place
+        C = C.to(K.device, torch.float64)
+        A = C.mul_(lam) if overwrite_c else torch.mul(C, lam)
         A.addmm_(K, K.T)
     try:
         adj = torch.linalg.solve(A, K)  # (λC + KKᵀ)⁻¹ K, (d_ff, n); A is symmetric
@@ -165,7 +177,7 @@ class _Plan:
     layers: list[int]
     layer_source: str
     hparams: MEMITHyperParams
-    stats: dict[int, KeyStats]
+    stats: Mapping[int, KeyStats]
     templates: list[str]
     skipped: list[dict[str, Any]]
 
@@ -176,7 +188,7 @@ def apply_memit(
     *,
     layers: Sequence[int] | None = None,
     hparams: MEMITHyperParams | None = None,
-    stats: dict[int, KeyStats] | None = None,
+    stats: Mapping[int, KeyStats] | None = None,
     corpus: str | None = None,
     templates: list[str] | None = None,
     check_current: bool = True,
@@ -254,7 +266,7 @@ def write_planned(handle: Any, plan: _Plan, *, method: str, solve: Solve | None,
 
 def plan_memit(handle: Any, requests: Sequence[EditRequest | dict[str, Any]],
                layers: Sequence[int] | None, hparams: MEMITHyperParams | None,
-               stats: dict[int, KeyStats] | None, corpus: str | None,
+               stats: Mapping[int, KeyStats] | None, corpus: str | None,
                templates: list[str] | None, check_current: bool, skip_invalid: bool,
                progress: bool) -> _Plan:
     """Every check that can fail, before any weight is touched: requests, layers, key
@@ -319,9 +331,13 @@ def _memit_batch(handle: Any, plan: _Plan, index: range, progress: bool,
             K, resid = torch.cat([K, bare], 1), torch.cat([resid, resid], 1)
         if solve is not None:
             delta = solve(layer, K, resid)
+        elif hp.mom2_adjustment:
+            stats = plan.stats[layer]  # read from the cache now, for a large model
+            delta = memit_layer_delta(K, resid, stats.mom2, hp.mom2_update_weight, layer,
+                                      overwrite_c=stats.disposable)
+            del stats
         else:
-            C = plan.stats[layer].mom2 if hp.mom2_adjustment else None
-            delta = memit_layer_delta(K, resid, C, hp.mom2_update_weight, layer)
+            delta = memit_layer_delta(K, resid, None, hp.mom2_update_weight, layer)
         W = arch.get_edit_weight(model, layer)
         arch.set_edit_weight(model, layer, (W.double() + delta.to(W.device)).to(W.dtype))
         logs.append({"layer": layer, "residual_norm": float((Z - H).norm(dim=1).mean()),

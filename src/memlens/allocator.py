@@ -1,0 +1,42 @@
+"""Give freed tensor memory back to the operating system at once (glibc, CPU).
+
+glibc's ``malloc`` serves a large block from ``mmap`` only until a block of that size is
+freed; then it raises its threshold (up to 32 MiB) and serves later blocks of up to that size
+from the heap, which keeps freed blocks instead of returning them. A causal trace or a MEMIT
+run of a billion-parameter model allocates and frees thousands of such blocks (activations,
+KV caches, weight-sized temporaries) and the process's resident memory ends ~1 GiB above what
+is alive (GPT-2 XL in bfloat16, benchmarks/RESULTS.md "paper scale"). A fixed threshold turns
+that adjustment off: blocks of ``threshold`` bytes or more are always mapped, and unmapped when
+freed.
+
+    from memlens.allocator import return_freed_memory
+    return_freed_memory()          # the memlens command line does this before each command
+
+Nothing changes on other C libraries (macOS, musl) or when glibc is not found: the call returns
+False.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+
+M_MMAP_THRESHOLD = -3  # mallopt parameter (glibc malloc.h)
+DEFAULT_THRESHOLD = 1 << 20  # 1 MiB: tensors of ≥ 262,144 float32 values
+
+
+def return_freed_memory(threshold: int = DEFAULT_THRESHOLD) -> bool:
+    """Fix glibc's mmap threshold at ``threshold`` bytes for this process (see the module
+    docstring); True if it was set."""
+    if threshold <= 0:
+        raise ValueError(f"threshold must be a positive number of bytes, got {threshold}")
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return bool(mallopt(M_MMAP_THRESHOLD, int(threshold)))
