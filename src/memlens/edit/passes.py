@@ -76,12 +76,14 @@ class SuffixPasses:
         self.positions = (mask.cumsum(1) - 1).clamp(min=0).to(device)
         self.suffix = ids[:, P:].to(device)
         self.skipped = _blocks_below(point)
+        self.gelus = _tanh_gelus(model)
         points = [f"blocks.{self.skipped - 1}.hook_resid_post"] if self.skipped else []
         structure: list[int] = []
         probe = handle.arch.blocks(model)[0].register_forward_hook(
             lambda module, args, out: structure.append(len(out) if isinstance(out, tuple) else 0))
         try:
-            with torch.no_grad(), hooks.capture(model, points) as cache, fast_kernels(model):
+            with torch.no_grad(), hooks.capture(model, points) as cache, \
+                    fast_kernels(model, self.gelus):
                 out = model(input_ids=ids.to(device), attention_mask=self.attention,
                             position_ids=self.positions, use_cache=True, logits_to_keep=1)
         finally:
@@ -98,7 +100,8 @@ class SuffixPasses:
         # when every block is skipped (the point is the last block's output)
         self.stand_in = tuple(t.new_zeros(()).expand(1, t.shape[1], P, *t.shape[3:])
                               for t in (layers[0].keys, layers[0].values))
-        self._gathered: tuple[torch.Tensor, list, torch.Tensor | None] | None = None
+        self._prefix: list[tuple[torch.Tensor, torch.Tensor]] = []  # the cache's layers, built
+        self._gathered: tuple[torch.Tensor, Any, torch.Tensor | None] | None = None
 
     def column(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return positions - self.lookups[rows]
@@ -112,7 +115,7 @@ class SuffixPasses:
         at the point. ``read`` = (row, column) of the output: only these are read, so the last
         block's MLP runs on them alone (elsewhere the output lacks it)."""
         with hooks.edit(self.handle.model, self.point, add_delta), self._skip_lower(rows), \
-                fast_kernels(self.handle.model), self._top_mlp_only(read):
+                fast_kernels(self.handle.model, self.gelus), self._top_mlp_only(read):
             return self._forward(rows)
 
     @contextmanager
@@ -137,10 +140,11 @@ class SuffixPasses:
         with hooks.forwards_replaced([(mlp, forward)]):
             yield
 
-    def _of_rows(self, rows: torch.Tensor) -> tuple[list[tuple[torch.Tensor, torch.Tensor]],
-                                                     torch.Tensor | None]:
-        """The prefix KV and the stored entry of ``rows``, gathered again only when the rows
-        change (when facts stop), and not at all while every row runs."""
+    def _of_rows(self, rows: torch.Tensor) -> tuple[Any, torch.Tensor | None]:
+        """The KV cache holding the prefix of ``rows`` and their stored entry, built again only
+        when the rows change (when facts stop). A step's forward appends the suffix to every
+        layer; :meth:`_prefix_only` takes it back off before the next step instead of building
+        the cache anew, which would copy the prefix."""
         if self._gathered is None or not torch.equal(self._gathered[0], rows):
             if len(rows) == len(self.lookups):  # rows are sorted and distinct: all of them
                 kv, entry = self.prefix_kv or [], self.entry
@@ -148,19 +152,36 @@ class SuffixPasses:
                 on = rows.to(self.handle.device)
                 kv = [(k[on], v[on]) for k, v in self.prefix_kv or []]
                 entry = None if self.entry is None else self.entry[on.to(self.entry.device)]
-            self._gathered = (rows.clone(), kv, entry)
+            past = None
+            if self.prefix_kv is not None:
+                from transformers import DynamicCache
+
+                stand_in = tuple(t.expand(len(rows), -1, -1, -1) for t in self.stand_in)
+                past = DynamicCache([stand_in] * self.skipped + list(kv),
+                                    config=self.handle.model.config)
+                self._prefix = [(layer.keys, layer.values) for layer in past.layers]
+            self._gathered = (rows.clone(), past, entry)
         return self._gathered[1], self._gathered[2]
+
+    def _prefix_only(self, past: Any) -> bool:
+        """Put every layer of ``past`` back to the prefix it was built with (no copy); False
+        where a layer is not a plain DynamicLayer (e.g. a sliding window), whose state is more
+        than its keys and values: that cache must be built anew."""
+        from transformers.cache_utils import DynamicLayer
+
+        if any(type(layer) is not DynamicLayer for layer in past.layers):
+            return False
+        for layer, (keys, values) in zip(past.layers, self._prefix, strict=True):
+            layer.keys, layer.values = keys, values
+        return True
 
     def _forward(self, rows: torch.Tensor) -> torch.Tensor:
         model = self.handle.model
-        kv = self._of_rows(rows)[0]
+        past = self._of_rows(rows)[0]
+        if past is not None and not self._prefix_only(past):
+            self._gathered = None
+            past = self._of_rows(rows)[0]
         rows = rows.to(self.handle.device)
-        past = None
-        if self.prefix_kv is not None:
-            from transformers import DynamicCache
-
-            stand_in = tuple(t.expand(len(rows), -1, -1, -1) for t in self.stand_in)
-            past = DynamicCache([stand_in] * self.skipped + list(kv), config=model.config)
         return model.base_model(
             input_ids=self.suffix[rows], attention_mask=self.attention[rows],
             position_ids=self.positions[rows, self.n_prefix:], use_cache=past is not None,
@@ -180,13 +201,14 @@ class SuffixPasses:
 
 
 @contextmanager
-def fast_kernels(model: Any) -> Iterator[None]:
+def fast_kernels(model: Any, gelus: list[Any] | None = None) -> Iterator[None]:
     """Faster kernels of the same functions for passes of many short rows: GPT-2's tanh GELU
     (``gelu_new``: eight elementwise ops forward, as many backward) as torch's fused
     ``gelu(approximate="tanh")``, and on CPU eager attention (batched matmuls) instead of SDPA,
     whose CPU kernel costs more than the matmuls for a few query columns. The results differ
-    from the model's own kernels by float rounding only."""
-    fused = [(m, _gelu_tanh) for m in _tanh_gelus(model)]  # ~100 modules: microseconds
+    from the model's own kernels by float rounding only. ``gelus``: the model's
+    :func:`_tanh_gelus`, for a caller that found them once (not at every step)."""
+    fused = [(m, _gelu_tanh) for m in (_tanh_gelus(model) if gelus is None else gelus)]
     config = getattr(model, "config", None)
     implementation = getattr(config, "_attn_implementation", None)
     eager = implementation == "sdpa" and next(model.parameters()).device.type == "cpu"
