@@ -443,3 +443,9 @@ def test_band_around_peak_leaves_out_the_last_layer_and_nan():
     assert band_around_peak([0.3, 0.1, 0.0, 0.0]) == [0]
     assert band_around_peak([0.3, 0.1, 0.0, 0.0], threshold=0.2) == [0, 1]
     assert band_around_peak([-0.1, 0.0, 0.0]) is None
+
+
+def test_layer_delta_refuses_a_system_that_is_not_positive_definite():
+    K = torch.randn(8, 2, dtype=torch.float64)  # two keys cannot span d_ff = 8 without C
+    with pytest.raises(NumericalError, match="not positive definite"):
+        memit_layer_delta(K, torch.randn(3, 2), torch.zeros(8, 8, dtype=torch.float64), 1.0, 0)

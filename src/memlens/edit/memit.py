@@ -144,9 +144,11 @@ def _stats_for(handle: Any, layers: list[int], stats: Mapping[int, KeyStats] | N
 def memit_layer_delta(K: torch.Tensor, resid: torch.Tensor, C: torch.Tensor | None,
                       lam: float, layer: int, *, overwrite_c: bool = False) -> torch.Tensor:
     """Δ = R Kᵀ (λ C + K Kᵀ)⁻¹ in float64, from K (d_ff, n), R (d_model, n), C (d_ff, d_ff);
-    C None means the identity. ``overwrite_c``: a float64 C on K's device may become
-    λC + KKᵀ in place (one d_ff² buffer fewer: 328 MB at GPT-2 XL's d_ff). Raises
-    NumericalError (nothing written) if not finite."""
+    C None means the identity. A = λC + KKᵀ is symmetric positive definite: it is factored
+    by Cholesky in its own buffer, so the solve needs one d_ff² float64 buffer, and none
+    beyond C with ``overwrite_c`` (a float64 C on K's device then becomes A: 328 MB saved at
+    GPT-2 XL's d_ff). Raises NumericalError (nothing written) if A is not positive definite
+    or Δ not finite."""
     K, resid = K.double(), resid.double()
     if C is None:
         A = K @ K.T
@@ -155,12 +157,14 @@ def memit_layer_delta(K: torch.Tensor, resid: torch.Tensor, C: torch.Tensor | No
         C = C.to(K.device, torch.float64)
         A = C.mul_(lam) if overwrite_c else torch.mul(C, lam)
         A.addmm_(K, K.T)
-    try:
-        adj = torch.linalg.solve(A, K)  # (λC + KKᵀ)⁻¹ K, (d_ff, n); A is symmetric
-    except RuntimeError as exc:  # singular
-        raise NumericalError(f"λC + KKᵀ of layer {layer} is singular ({exc}); collect key "
+    _, info = torch.linalg.cholesky_ex(A, out=(A, torch.empty((), dtype=torch.int32,
+                                                               device=A.device)))
+    if int(info) != 0:
+        raise NumericalError(f"λC + KKᵀ of layer {layer} is not positive definite (its "
+                             f"leading minor of order {int(info)} is not positive); collect key "
                              "statistics over more samples or raise mom2_update_weight; "
-                             "no weights were changed") from None
+                             "no weights were changed")
+    adj = torch.cholesky_solve(K, A)  # (λC + KKᵀ)⁻¹ K, (d_ff, n), from A's lower factor
     delta = resid @ adj.T  # (d_model, d_ff)
     if not torch.isfinite(delta).all():
         raise NumericalError(f"the MEMIT update of layer {layer} contains NaN/inf; "
