@@ -39,3 +39,14 @@ def test_freed_blocks_return_to_the_os_with_a_fixed_threshold():
 def test_threshold_must_be_positive():
     with pytest.raises(ValueError, match="positive"):
         return_freed_memory(0)
+
+
+def test_onednn_keeps_no_primitive_cache_unless_the_user_chose(monkeypatch):
+    import os
+
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    return_freed_memory()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "0"
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
+    return_freed_memory()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "64"
