@@ -100,7 +100,7 @@ class SuffixPasses:
         # when every block is skipped (the point is the last block's output)
         self.stand_in = tuple(t.new_zeros(()).expand(1, t.shape[1], P, *t.shape[3:])
                               for t in (layers[0].keys, layers[0].values))
-        self._prefix: list[tuple[torch.Tensor, torch.Tensor]] = []  # the cache's layers, built
+        self._prefix: list[tuple[torch.Tensor, torch.Tensor]] = []  # each cache layer as built
         self._gathered: tuple[torch.Tensor, Any, torch.Tensor | None] | None = None
 
     def column(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
