@@ -5,8 +5,9 @@ glibc's ``malloc`` serves a large block from ``mmap`` only until a block of that
 freed; then it raises its threshold (up to 32 MiB) and serves later blocks of up to that size
 from the heap, which keeps freed blocks instead of returning them. A causal trace or a MEMIT
 run of a billion-parameter model allocates and frees thousands of such blocks (activations,
-KV caches, weight-sized temporaries) and the process's resident memory ends ~1 GiB above what
-is alive (GPT-2 XL in bfloat16, benchmarks/RESULTS.md "paper scale"). A fixed threshold turns
+KV caches, weight-sized temporaries), and the process's resident memory stays far above what
+is alive (with this call, which the trace stage of ``benchmarks/bench_scale.py`` is the first
+to run under, bfloat16 GPT-2 XL's trace peaked at 3.86 instead of 4.87 GiB). A fixed threshold turns
 that adjustment off: blocks of ``threshold`` bytes or more are always mapped, and unmapped when
 freed.
 
@@ -15,10 +16,9 @@ freed.
 
 Nothing changes on other C libraries (macOS, musl) or when glibc is not found: the call returns
 False. The call also sets ``ONEDNN_PRIMITIVE_CACHE_CAPACITY=0`` unless it is set: oneDNN, which
-runs CPU bfloat16 matrix products, keeps each shape's primitive (~0.3 MB, GPT-2 XL's
-matrices), and a trace or an edit meets thousands of shapes (the bfloat16 GPT-2 XL trace kept
-0.3 GiB); re-creating them cost no measurable time there. It takes effect only before the
-process's first oneDNN product.
+runs CPU bfloat16 matrix products, keeps state for each matrix shape it has seen, and a trace
+or an edit meets thousands of shapes. It takes effect only before the process's first oneDNN
+product. tests/test_allocator.py checks that freed blocks return to the system.
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ def demo(
     out: OutOpt = Path("memlens-report"),
     model: ModelOpt = DEFAULT_MODEL,
     sections: Annotated[str | None, typer.Option(
-        "--sections", help="Comma-separated subset of: organism, trace, rome, memit, "
-        "memorization, topk.")] = None,
+        "--sections", help="Comma-separated subset of: organism, trace, recall, rome, memit, "
+        "sequential, memorization, topk.")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="Seconds-scale settings (smoke run).")]
     = False,
 ):

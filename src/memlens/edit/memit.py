@@ -128,17 +128,14 @@ def _stats_for(handle: Any, layers: list[int], stats: Mapping[int, KeyStats] | N
     missing = [layer for layer in layers if layer not in given]
     computed = layer_stats(handle, missing, corpus=corpus, n_samples=hp.mom2_n_samples,
                            max_len=hp.mom2_max_len, progress=progress) if missing else {}
-    for layer in layers:
-        if layer in given and given[layer].layer != layer:
+    for layer in (layer for layer in layers if layer in given):
+        if given[layer].layer != layer:
             raise MemlensError(f"statistics given for layer {layer} are of layer "
                                f"{given[layer].layer}")
-        if layer in given:
-            given[layer].check_finite()
-    if not given:
-        return computed
-    if not computed:
-        return given
-    return ChainMap(dict(given), computed)  # type: ignore[arg-type]
+        given[layer].check_finite()
+    if not given or not computed:
+        return given or computed
+    return ChainMap(given, computed)  # type: ignore[arg-type]  # read-only: any Mapping serves
 
 
 def memit_layer_delta(K: torch.Tensor, resid: torch.Tensor, C: torch.Tensor | None,

@@ -317,7 +317,7 @@ def _sequential(handle, directory: Path, config: DemoConfig, found: dict) -> Sec
                               rounds=config.sequential_rounds, methods=("memit", "alphaedit"),
                               layers=found.get("edit_layers"), unrelated=config.sequential_unrelated,
                               out_dir=directory, progress=True)
-    shown = [m for m in METRICS if m != "GE"]  # GE needs generations: the full command's
+    shown = [m for m in METRICS if m != "GE"]  # GE needs generations; the demo skips them
     rows = [[p.method, p.round, p.n_edits, *(getattr(p, m) for m in shown), p.seconds]
             for p in result.points]
     last = {p.method: p for p in result.points if p.round == config.sequential_rounds}
