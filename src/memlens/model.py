@@ -169,7 +169,8 @@ class ModelHandle:
     def logits(self, prompts: list[str]) -> torch.Tensor:
         """Logits (B, T, vocab) of right-padded ``prompts``."""
         batch = self.encode(prompts)
-        return self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        return self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                          use_cache=False).logits
 
     def info(self) -> dict[str, Any]:
         """Summary used by ``memlens info``."""

@@ -171,7 +171,8 @@ def group_states(handle: ModelHandle, prompts: Sequence[str], positions: np.ndar
         pos = torch.as_tensor(positions[start:start + batch_size], dtype=torch.long)
         rows = torch.arange(len(pos))
         with capture(handle.model, points) as cache:
-            handle.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+            handle.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                         use_cache=False)
         for i, point in enumerate(points):
             hidden = cache[point].float().cpu()  # (B, T, d)
             picked = hidden[rows[:, None], pos.clamp(min=0)]  # (B, groups, d)

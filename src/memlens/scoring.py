@@ -55,7 +55,7 @@ def score_targets(handle: Any, prompts: Sequence[str], targets: Sequence[str], *
         chunk = rows[start: start + batch_size]
         ids, mask = pad_rows(chunk, pad)
         logits = handle.model(input_ids=ids.to(handle.device),
-                              attention_mask=mask.to(handle.device)).logits.float()
+                              attention_mask=mask.to(handle.device), use_cache=False).logits.float()
         for i in range(len(chunk)):
             n_head, answer = spans[start + i]
             positions = torch.arange(n_head - 1, n_head - 1 + len(answer))

@@ -62,8 +62,9 @@ class KeyStats:
     disposable: bool = False  # mom2 was read for this lookup alone: its user may overwrite it
 
     def check_finite(self) -> None:
-        """Raise NumericalError if C holds NaN/inf (e.g. a corrupted cache or model)."""
-        if not torch.isfinite(self.mom2).all():
+        """Raise NumericalError if C holds NaN/inf (e.g. a corrupted cache or model). Checked
+        256 rows at a time: ``isfinite`` of the whole C takes another C-sized temporary."""
+        if not all(bool(torch.isfinite(rows).all()) for rows in self.mom2.split(256)):
             raise NumericalError(f"key statistics of layer {self.layer} contain NaN/inf "
                                  f"(corpus {self.corpus!r}); no weights were changed")
 
@@ -338,7 +339,8 @@ def _collect(handle: Any, layers: list[int], texts: list[str], max_len: int,
                 ids, mask = pad_rows(batches[index], pad)
                 mask_flat["m"] = mask.reshape(-1).bool()
                 try:
-                    model(input_ids=ids.to(handle.device), attention_mask=mask.to(handle.device))
+                    model(input_ids=ids.to(handle.device), attention_mask=mask.to(handle.device),
+                          use_cache=False)
                 except _StopForward:
                     pass
                 count += int(mask.sum())

@@ -60,7 +60,8 @@ def compute_k_star(handle: Any, request: EditRequest, layer: int, templates: Seq
     batch = handle.encode([p.format(request.subject) for p in prompts])
     point = f"blocks.{layer}.mlp.hook_post"
     with hooks.capture(handle.model, [point]) as cache:
-        handle.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        handle.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                     use_cache=False)
     rows = torch.arange(len(prompts))
     keys = cache[point][rows, torch.tensor(positions)].float()  # (n_templates, d_ff)
     return Keys(k_star=keys.mean(0), keys=keys, positions=positions)

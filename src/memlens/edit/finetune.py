@@ -80,7 +80,8 @@ def _rows(handle: Any, requests: list[EditRequest], targets: list[list[int]]
 def _nll(handle: Any, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
          ) -> torch.Tensor:
     """Mean over rows of the mean NLL of each row's label tokens (teacher forced)."""
-    logits = handle.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    logits = handle.model(input_ids=ids, attention_mask=mask,
+                          use_cache=False).logits[:, :-1].float()
     lp = F.log_softmax(logits, dim=-1).gather(2, ids[:, 1:, None]).squeeze(2)
     m = labels[:, 1:].to(lp.dtype)
     return (-(lp * m).sum(1) / m.sum(1)).mean()

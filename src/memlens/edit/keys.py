@@ -57,7 +57,8 @@ def fact_token_reads(
         lo, hi = start * n_t, min(len(requests), start + per_request) * n_t
         batch = handle.encode(texts[lo:hi]).to(handle.device)
         with hooks.capture(handle.model, list(points)) as cache:
-            handle.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+            handle.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                         use_cache=False)
         rows = torch.arange(hi - lo)
         pos = torch.tensor(lookups[lo:hi])
         for point, reduce in points.items():

@@ -165,7 +165,7 @@ def greedy_answer(handle, prompt_text: str, n_tokens: int) -> list[int]:
     ids = handle.encode([prompt_text]).input_ids
     out: list[int] = []
     for _ in range(n_tokens):
-        next_id = int(handle.model(input_ids=ids).logits[0, -1].argmax())
+        next_id = int(handle.model(input_ids=ids, use_cache=False).logits[0, -1].argmax())
         out.append(next_id)
         ids = torch.cat([ids, ids.new_tensor([[next_id]])], dim=1)
     return out

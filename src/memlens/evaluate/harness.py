@@ -260,7 +260,8 @@ def heldout_nll(handle, text: str, block_size: int = 128, heldout_fraction: floa
     losses: list[float] = []
     for start in range(0, len(blocks), batch_size):
         x = blocks[start:start + batch_size].to(handle.device)  # (B, T)
-        logits = handle.model(input_ids=x, attention_mask=torch.ones_like(x)).logits.float()
+        logits = handle.model(input_ids=x, attention_mask=torch.ones_like(x),
+                              use_cache=False).logits.float()
         nll = torch.nn.functional.cross_entropy(  # (B, T-1)
             logits[:, :-1].transpose(1, 2), x[:, 1:], reduction="none")
         losses += nll.mean(-1).tolist()

@@ -99,7 +99,7 @@ def nll_loss(ids: torch.Tensor, prefix_len: int) -> Callable[[nn.Module], torch.
 
     def loss(model: nn.Module) -> torch.Tensor:
         device = next(model.parameters()).device
-        logits = model(input_ids=ids.to(device)).logits
+        logits = model(input_ids=ids.to(device), use_cache=False).logits
         return suffix_token_nll(logits, ids, prefix_len).mean()
 
     return loss

@@ -79,7 +79,7 @@ class ContrastiveObjective:
                 raise InvalidArgument("editing needs pmp_ids shaped like mp_ids (run perturb first)")
             change_ids = torch.cat([mp_ids[:, :prefix_len], pmp_ids[:, prefix_len:]], dim=1)
         device = next(model.parameters()).device
-        logits = model(input_ids=nmp_ids.to(device)).logits
+        logits = model(input_ids=nmp_ids.to(device), use_cache=False).logits
         keep_logprobs = F.log_softmax(logits[:, prefix_len - 1:-1].float(), dim=-1)
         return cls(change_ids.cpu(), nmp_ids.cpu(), keep_logprobs, prefix_len, mode,
                    change_weight)
@@ -87,7 +87,7 @@ class ContrastiveObjective:
     def keep(self, model: nn.Module) -> torch.Tensor:
         """KL(p_original ‖ p_current) on the NMP continuation positions (batchmean)."""
         device = next(model.parameters()).device
-        logits = model(input_ids=self.keep_ids.to(device)).logits
+        logits = model(input_ids=self.keep_ids.to(device), use_cache=False).logits
         current = F.log_softmax(logits[:, self.prefix_len - 1:-1].float(), dim=-1)
         original = self.keep_logprobs.to(device)
         kl = (original.exp() * (original - current)).sum(dim=-1)  # (Nk, S)
@@ -96,7 +96,7 @@ class ContrastiveObjective:
     def change_nll(self, model: nn.Module) -> torch.Tensor:
         """Mean NLL of the change set's continuation (MP suffix, or the PMP continuation)."""
         device = next(model.parameters()).device
-        logits = model(input_ids=self.change_ids.to(device)).logits
+        logits = model(input_ids=self.change_ids.to(device), use_cache=False).logits
         return suffix_token_nll(logits, self.change_ids, self.prefix_len).mean()
 
     def __call__(self, model: nn.Module) -> tuple[torch.Tensor, dict[str, float]]:

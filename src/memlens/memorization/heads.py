@@ -99,7 +99,8 @@ def prefix_attention(handle, ids: torch.Tensor, prefix_len: int = PREFIX_LEN,
     model = handle.model
     device = next(model.parameters()).device
     with eager_attention(model):
-        out = model(input_ids=ids[:, :query_pos + 1].to(device), output_attentions=True)
+        out = model(input_ids=ids[:, :query_pos + 1].to(device), output_attentions=True,
+                    use_cache=False)
     if not out.attentions or out.attentions[0] is None:
         raise RuntimeError("the model returned no attention weights even with eager attention")
     stacked = torch.stack([a[:, :, query_pos, :prefix_len] for a in out.attentions], dim=1)
@@ -178,7 +179,7 @@ def kq_scores(handle, ids: torch.Tensor, layer: int, head: int) -> torch.Tensor:
     point = HookPoint(arch.module_name(layer, "attn"), "input")
     device = next(model.parameters()).device
     with hooks.capture(model, [point]) as cache:
-        model(input_ids=ids[None].to(device))
+        model(input_ids=ids[None].to(device), use_cache=False)
     x = cache[point][0].float()  # (T, d_model)
     w_q = arch.attn_head_view(model, layer, "q").float()  # (H, d_head, d_model)
     w_k = arch.attn_head_view(model, layer, "k").float()  # (H_kv, d_head, d_model)

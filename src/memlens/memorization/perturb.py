@@ -66,7 +66,7 @@ def swap_tokens(
     if mode != "model":
         raise InvalidArgument(f"unknown perturbation mode {mode!r}: 'model' or 'random'")
     device = next(model.parameters()).device
-    logits = model(input_ids=ids.to(device)).logits.cpu()  # (N, T, V)
+    logits = model(input_ids=ids.to(device), use_cache=False).logits.cpu()  # (N, T, V)
     index = torch.tensor(positions) - 1
     top2 = logits[:, index].topk(2, dim=-1).indices  # (N, len, 2) the model's 1st and 2nd choice
     original = ids[:, positions]

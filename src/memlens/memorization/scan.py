@@ -77,7 +77,7 @@ def suffix_token_nll(logits: torch.Tensor, ids: torch.Tensor, prefix_len: int) -
 def suffix_nll(model: nn.Module, ids: torch.Tensor, prefix_len: int) -> torch.Tensor:
     """Teacher-forced mean NLL (N,) of each row's suffix ``ids[:, prefix_len:]``."""
     device = next(model.parameters()).device
-    logits = model(input_ids=ids.to(device)).logits
+    logits = model(input_ids=ids.to(device), use_cache=False).logits
     return suffix_token_nll(logits, ids, prefix_len).mean(dim=1).cpu()
 
 

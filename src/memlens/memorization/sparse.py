@@ -164,7 +164,7 @@ def perplexity(model, blocks: torch.Tensor, batch_size: int = 16) -> float:
     total, count = 0.0, 0
     for start in range(0, blocks.shape[0], batch_size):
         ids = blocks[start:start + batch_size].to(device)
-        logits = model(input_ids=ids).logits[:, :-1].float()
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
         nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                                 ids[:, 1:].reshape(-1), reduction="sum")
         total += float(nll)

@@ -268,7 +268,8 @@ def next_token_predictions(model, tok, prompts: list[str], batch_size: int = 256
         for i in range(0, len(prompts), batch_size):
             enc = tok(prompts[i:i + batch_size], return_tensors="pt", padding=True)
             mask = enc["attention_mask"].to(dev)
-            logits = model(input_ids=enc["input_ids"].to(dev), attention_mask=mask).logits
+            logits = model(input_ids=enc["input_ids"].to(dev), attention_mask=mask,
+                           use_cache=False).logits
             last = mask.sum(1) - 1
             out += logits[torch.arange(len(last)), last].argmax(-1).tolist()
     return out

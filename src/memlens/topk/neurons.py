@@ -147,7 +147,8 @@ def activation_mass(
             batch = blocks[start:start + batch_size]
             current["ids"] = batch.flatten().cpu()
             count.index_add_(0, current["ids"], torch.ones(batch.numel(), dtype=torch.float64))
-            model(input_ids=batch.to(device), attention_mask=torch.ones_like(batch).to(device))
+            model(input_ids=batch.to(device), attention_mask=torch.ones_like(batch).to(device),
+                  use_cache=False)
     n = max(1, blocks.numel())
     return _Pass(mass=mass, count=count,
                  resid_norm={layer: total / n for layer, total in norm_sum.items()})
