@@ -25,7 +25,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "memlens"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("core", ("memlens", "memlens.errors", "memlens.cache", "memlens.files", "memlens.missing",
               "memlens.allocator", "memlens.arch", "memlens.offload", "memlens.hooks", "memlens.tokens", "memlens.model",
-              "memlens.ledger", "memlens.scoring", "memlens.stats", "memlens.stats_io",
+              "memlens.ledger", "memlens.scoring", "memlens.gram", "memlens.stats", "memlens.stats_io",
               "memlens.topk_mlp",
               "memlens.trainer", "memlens.figures", "memlens.testing")),
     ("methods", ("memlens.trace", "memlens.edit", "memlens.evaluate", "memlens.memorization",

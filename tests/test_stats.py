@@ -161,6 +161,7 @@ def test_parse_layers():
 def test_passes_bounded_by_memory_equal_one_pass_and_stay_on_disk(gpt2, tmp_path,
                                                                    monkeypatch):
     import memlens.stats as stats_module
+    from memlens.gram import packed_numel
     from memlens.stats import StatsFiles
 
     corpus = random_corpus(tmp_path / "c.txt", n=40)
@@ -173,7 +174,7 @@ def test_passes_bounded_by_memory_equal_one_pass_and_stay_on_disk(gpt2, tmp_path
         return collect(handle, layers, *args)
 
     monkeypatch.setattr(stats_module, "_collect", counting)
-    budget = 2 * gpt2.d_ff ** 2 * 8  # two layers' float64 sums per pass
+    budget = 2 * packed_numel(gpt2.d_ff) * 8  # two layers' packed float64 sums per pass
     bounded = layer_stats(gpt2, [0, 1, 2], corpus=corpus, progress=False, max_pass_bytes=budget)
     assert passes == [[0, 1], [2]]
     assert isinstance(bounded, StatsFiles) and list(bounded) == [0, 1, 2]
@@ -191,3 +192,22 @@ def test_passes_bounded_by_memory_equal_one_pass_and_stay_on_disk(gpt2, tmp_path
     assert passes == []  # read from the cache
     held = layer_stats(gpt2, [1, 2], corpus=corpus, progress=False, max_pass_bytes=budget)
     assert isinstance(held, dict) and torch.equal(held[2].mom2, one_pass[2].mom2)
+
+
+def test_stats_meta_reads_no_matrix_from_files(gpt2, tmp_path, monkeypatch):
+    from collections import ChainMap
+
+    from memlens.stats import StatsFiles, stats_meta
+
+    corpus = random_corpus(tmp_path / "c.txt", n=40)
+    held = layer_stats(gpt2, [0, 1, 2], corpus=corpus, progress=False)
+    files = layer_stats(gpt2, [1, 2], corpus=corpus, progress=False, max_pass_bytes=1)
+    assert isinstance(files, StatsFiles)
+    monkeypatch.setattr(StatsFiles, "__getitem__", lambda self, layer: pytest.fail("read C"))
+    described = stats_meta(ChainMap({0: held[0]}, files))
+    assert list(described) == ["0", "1", "2"]
+    for layer in (0, 1, 2):
+        expected = held[layer].meta()
+        got = described[str(layer)]
+        assert got.pop("trace") == pytest.approx(expected.pop("trace"), rel=1e-12)
+        assert got == expected

@@ -7,14 +7,15 @@ memory allows.
 
 k is the input of the edited matrix W (hook ``blocks.L.mlp.hook_post``), read at every non-pad
 token; each batch's Σ k kᵀ is formed in float32 (≤ batch_tokens terms), 256 rows at a time,
-and added to float64 sums. One pass sums as many layers as fit in ``max_pass_bytes`` of
-float64 (default 1 GiB: every layer of the organisms, three of GPT-2 XL's 328 MB, one of
-Llama-3-8B's 1.6 GB); more layers take more passes, each stopping at its deepest layer.
-Results are cached atomically under
+and added to float64 sums that keep only the upper block triangle of the symmetric result
+(:class:`memlens.gram.GramSum`: half of d_ff² values). One pass sums as many layers as fit in
+``max_pass_bytes`` (default 512 MiB: every layer of the organisms, three of GPT-2 XL's
+170 MB, one of Llama-3-8B's 0.8 GB); more layers take more passes, each stopping at its
+deepest layer. Results are cached atomically, in the same packed form, under
 ``$MEMLENS_HOME/stats/<model fingerprint>/<corpus>-n<samples>-len<max_len>/layer<L>.safetensors``;
-when all requested C's together exceed ``max_pass_bytes``, they stay there and each is read
-when it is looked up (:class:`StatsFiles`), so a MEMIT band of a large model holds one C at a
-time. A run checkpoints its partial sums every few batches and resumes after an interrupt.
+when all requested C's together (d_ff² float64 each) exceed ``max_pass_bytes``, they stay
+there and each is read when it is looked up (:class:`StatsFiles`), so a MEMIT band of a large
+model holds one C at a time. A run checkpoints its partial sums every few batches and resumes after an interrupt.
 Under ``torchrun`` (torch.distributed initialised) each rank sums every world-size-th batch and
 one all-reduce adds the ranks' sums: the result equals the single-process one.
 A corpus is a text file (one sample per non-empty line), JSON/JSONL (strings or {"text": ...}),
@@ -29,6 +30,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections import ChainMap
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +41,7 @@ import torch
 from memlens.cache import cache_dir
 from memlens.errors import EmptyInput, MemlensError, NumericalError
 from memlens.files import read_text
+from memlens.gram import BLOCK, GramSum, block_spans, packed_numel, symmetric_from_blocks
 from memlens.offload import execution_device
 from memlens.tokens import pad_id, pad_rows
 
@@ -46,7 +49,7 @@ DEFAULT_SAMPLES = 1000  # corpus samples (texts)
 DEFAULT_MAX_LEN = 256  # tokens per sample, further capped by the model's context
 DEFAULT_BATCH_TOKENS = 2048  # padded tokens per forward pass
 CHECKPOINT_EVERY = 20  # batches between checkpoints of the partial sums
-DEFAULT_PASS_BYTES = 1 << 30  # float64 sums one corpus pass holds (GPT-2 XL: 3 layers)
+DEFAULT_PASS_BYTES = 1 << 29  # packed float64 sums one corpus pass holds (GPT-2 XL: 3 layers)
 
 
 @dataclass
@@ -202,11 +205,11 @@ def layer_stats(
 ) -> Mapping[int, KeyStats]:
     """C = E[k kᵀ] of the edited matrix's input for each of ``layers``, layer → KeyStats.
 
-    Cached layers are loaded; the missing ones are summed as many per corpus pass as fit in
-    ``max_pass_bytes`` of float64, with partial sums checkpointed every ``checkpoint_every``
-    batches (an interrupted run resumes). A dict, or, when the requested C's together exceed
-    ``max_pass_bytes`` and the cache is on, a :class:`StatsFiles` that reads each from the
-    cache when it is looked up.
+    Cached layers are loaded; the missing ones are summed as many per corpus pass as their
+    packed float64 sums fit in ``max_pass_bytes``, with partial sums checkpointed every
+    ``checkpoint_every`` batches (an interrupted run resumes). A dict, or, when the requested
+    C's together exceed ``max_pass_bytes`` and the cache is on, a :class:`StatsFiles` that
+    reads each from the cache when it is looked up.
 
         stats = layer_stats(handle, range(3, 9), corpus="wiki.txt", n_samples=5000)
         C_inv_k = torch.linalg.solve(stats[5].mom2, k_star.double())
@@ -223,8 +226,8 @@ def layer_stats(
     texts, corpus_key = load_corpus(handle, corpus, n_samples)
     fingerprint = handle.fingerprint()
     directory = cache_dir("stats") / fingerprint / f"{corpus_key}-n{n_samples}-len{max_len}"
-    layer_bytes = handle.d_ff ** 2 * 8
-    on_disk = cache and _data_parallel()[1] == 1 and len(layers) * layer_bytes > max_pass_bytes
+    on_disk = cache and _data_parallel()[1] == 1 \
+        and len(layers) * handle.d_ff ** 2 * 8 > max_pass_bytes
     held: dict[int, KeyStats] = {}
     if on_disk:
         missing = [layer for layer in layers
@@ -235,20 +238,26 @@ def layer_stats(
             if cached is not None:
                 held[layer] = cached
         missing = [layer for layer in layers if layer not in held]
-    per_pass = max(1, max_pass_bytes // layer_bytes)
+    per_pass = max(1, max_pass_bytes // (packed_numel(handle.d_ff) * 8))
     for start in range(0, len(missing), per_pass):
         group = missing[start:start + per_pass]
         computed = _collect(handle, group, texts, max_len, batch_tokens, progress,
                             directory if cache else None, checkpoint_every)
         for layer in group:
-            mom2, count = computed.pop(layer)
-            stats = KeyStats(layer, mom2, count, corpus_key, n_samples, fingerprint)
-            stats.check_finite()
+            gram, count = computed.pop(layer)
+            gram.flat.div_(count)  # C, in place
+            meta = {"layer": layer, "count": count, "corpus": corpus_key,
+                    "n_samples": n_samples, "fingerprint": fingerprint, "d_ff": gram.d,
+                    "trace": gram.trace()}
+            if not gram.is_finite():
+                raise NumericalError(f"key statistics of layer {layer} contain NaN/inf "
+                                     f"(corpus {corpus_key!r}); no weights were changed")
             if cache and _data_parallel()[0] == 0:  # under torchrun rank 0 writes the cache
-                _save(directory, stats)
+                _save(directory, gram, meta)
             if not on_disk:
-                held[layer] = stats
-            del stats, mom2
+                held[layer] = KeyStats(layer, gram.full(), count, corpus_key, n_samples,
+                                       fingerprint)
+            del gram
     if on_disk:
         return StatsFiles(directory, layers)
     for stats in held.values():
@@ -274,26 +283,46 @@ class StatsFiles(Mapping[int, KeyStats]):
         stats.disposable = True
         return stats
 
+    def __contains__(self, layer: object) -> bool:  # Mapping's would read C
+        return layer in self.layers
+
     def __iter__(self) -> Iterator[int]:
         return iter(self.layers)
 
     def __len__(self) -> int:
         return len(self.layers)
 
+    def meta(self, layer: int) -> dict[str, Any]:
+        """:meth:`KeyStats.meta` of ``layer`` from its file's header, without reading C."""
+        from safetensors import safe_open
 
-def add_gram(total: torch.Tensor, keys: torch.Tensor, rows: int = 256) -> None:
-    """``total += keys.T @ keys`` for a float64 ``total`` (d, d) and float32 ``keys`` (n, d),
-    ``rows`` rows of the float32 product at a time: no d × d float32 product, nor a float64
-    copy of one (GPT-2 XL: 164 and 328 MB per layer and batch)."""
-    for start in range(0, keys.shape[1], rows):
-        total[start:start + rows] += keys[:, start:start + rows].T @ keys
+        if layer not in self.layers:
+            raise KeyError(layer)
+        with safe_open(str(self.directory / f"layer{layer}.safetensors"), framework="pt") as f:
+            header = f.metadata()
+        return {"layer": int(header["layer"]), "count": int(header["count"]),
+                "corpus": header["corpus"], "n_samples": int(header["n_samples"]),
+                "fingerprint": header["fingerprint"], "d_ff": int(header["d_ff"]),
+                "trace": float(header["trace"])}
+
+
+def stats_meta(stats: Mapping[int, KeyStats]) -> dict[str, dict[str, Any]]:
+    """layer → :meth:`KeyStats.meta` of every layer of ``stats`` (a dict, a
+    :class:`StatsFiles`, or a ChainMap of them), reading no C from a StatsFiles."""
+    maps = stats.maps if isinstance(stats, ChainMap) else [stats]
+    out = {}
+    for layer in sorted(stats):
+        source = next(m for m in maps if layer in m)
+        out[str(layer)] = source.meta(layer) if isinstance(source, StatsFiles) \
+            else source[layer].meta()
+    return out
 
 
 def _collect(handle: Any, layers: list[int], texts: list[str], max_len: int,
              batch_tokens: int, progress: bool, directory: Path | None,
-             checkpoint_every: int) -> dict[int, tuple[torch.Tensor, int]]:
-    """Run the corpus once with a key-reading hook on every layer of ``layers``; return (C, N)
-    per layer."""
+             checkpoint_every: int) -> dict[int, tuple[GramSum, int]]:
+    """Run the corpus once with a key-reading hook on every layer of ``layers``; return
+    (Σ k kᵀ, N) per layer."""
     from memlens import hooks
 
     model, arch, tok = handle.model, handle.arch, handle.tokenizer
@@ -303,8 +332,7 @@ def _collect(handle: Any, layers: list[int], texts: list[str], max_len: int,
     devices = {layer: execution_device(model.get_submodule(name), model, name)
                for layer, name in names.items()}  # where it computes (offloaded: on meta)
     d_ff = handle.d_ff
-    sums = {layer: torch.zeros(d_ff, d_ff, dtype=torch.float64, device=devices[layer])
-            for layer in layers}
+    sums = {layer: GramSum(d_ff, device=devices[layer]) for layer in layers}
     count, start = 0, 0
     rank, world = _data_parallel()
     shard = f"-rank{rank}of{world}" if world > 1 else ""
@@ -312,8 +340,9 @@ def _collect(handle: Any, layers: list[int], texts: list[str], max_len: int,
         else None
     if partial is not None and partial.is_file():
         saved = torch.load(partial, weights_only=True, map_location="cpu")
-        if saved["n_batches"] == len(batches):
-            sums = {layer: saved["sums"][layer].to(devices[layer]) for layer in layers}
+        if saved["n_batches"] == len(batches) and saved.get("block") == BLOCK:
+            sums = {layer: GramSum(d_ff, flat=saved["sums"][layer].to(devices[layer]))
+                    for layer in layers}
             count, start = int(saved["count"]), int(saved["done"])
 
     mask_flat: dict[str, torch.Tensor] = {}
@@ -322,7 +351,7 @@ def _collect(handle: Any, layers: list[int], texts: list[str], max_len: int,
     def reader(layer: int):
         def read(k: torch.Tensor) -> None:  # k: (B, T, d_ff)
             keys = k.reshape(-1, k.shape[-1])[mask_flat["m"].to(k.device)].float()
-            add_gram(sums[layer], keys)  # Σ k kᵀ: float32 per batch, float64 total
+            sums[layer].add(keys)  # Σ k kᵀ: float32 per batch, float64 total
             if layer == deepest:
                 raise _StopForward
 
@@ -348,9 +377,10 @@ def _collect(handle: Any, layers: list[int], texts: list[str], max_len: int,
                     bar.advance()
                 if partial is not None and (index + 1) % checkpoint_every == 0 \
                         and index + 1 < len(batches):
-                    _atomic_torch_save(partial, {"sums": {k: s.cpu() for k, s in sums.items()},
-                                                 "count": count, "done": index + 1,
-                                                 "n_batches": len(batches)})
+                    _atomic_torch_save(partial, {"sums": {k: s.flat.cpu()
+                                                          for k, s in sums.items()},
+                                                 "block": BLOCK, "count": count,
+                                                 "done": index + 1, "n_batches": len(batches)})
     finally:
         if bar is not None:
             bar.close()
@@ -360,7 +390,7 @@ def _collect(handle: Any, layers: list[int], texts: list[str], max_len: int,
         raise EmptyInput("the corpus produced no tokens")
     if partial is not None:
         partial.unlink(missing_ok=True)
-    return {layer: (sums[layer].div_(count), count) for layer in layers}  # in place: no copy
+    return {layer: (sums[layer], count) for layer in layers}
 
 
 def _data_parallel() -> tuple[int, int]:
@@ -372,20 +402,21 @@ def _data_parallel() -> tuple[int, int]:
     return 0, 1
 
 
-def _all_reduce(sums: dict[int, torch.Tensor], count: int, layers: list[int]
-                ) -> tuple[dict[int, torch.Tensor], int]:
+def _all_reduce(sums: dict[int, GramSum], count: int, layers: list[int]
+                ) -> tuple[dict[int, GramSum], int]:
     """Σ over ranks of every layer's float64 sums and the token count: ONE all-reduce of one
     flat buffer (on the first sum's device: CPU under gloo, the GPU under nccl)."""
     import torch.distributed as dist
 
-    device = sums[layers[0]].device
-    flat = torch.cat([sums[layer].reshape(-1).to(device) for layer in layers]
+    device = sums[layers[0]].flat.device
+    flat = torch.cat([sums[layer].flat.to(device) for layer in layers]
                      + [torch.tensor([float(count)], dtype=torch.float64, device=device)])
     dist.all_reduce(flat)
     out, offset = {}, 0
     for layer in layers:
-        n = sums[layer].numel()
-        out[layer] = flat[offset:offset + n].view_as(sums[layer]).to(sums[layer].device)
+        gram = sums[layer]
+        n = gram.flat.numel()
+        out[layer] = GramSum(gram.d, flat=flat[offset:offset + n].to(gram.flat.device))
         offset += n
     return out, int(round(float(flat[-1])))
 
@@ -461,16 +492,17 @@ def _atomic_torch_save(path: Path, obj: Any) -> None:
             os.unlink(tmp)
 
 
-def _save(directory: Path, stats: KeyStats) -> None:
+def _save(directory: Path, gram: GramSum, meta: dict[str, Any]) -> None:
+    """Write C of ``meta["layer"]`` packed (``mom2_upper``: the flat upper block triangle)."""
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"layer{stats.layer}.safetensors"
+    path = directory / f"layer{meta['layer']}.safetensors"
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.")
     os.close(fd)
     try:
-        meta = {k: str(v) for k, v in stats.meta().items()}
-        save_file({"mom2": stats.mom2.cpu().contiguous()}, tmp, metadata=meta)
+        save_file({"mom2_upper": gram.flat.cpu()}, tmp,
+                  metadata={k: str(v) for k, v in {**meta, "block": gram.block}.items()})
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -478,6 +510,8 @@ def _save(directory: Path, stats: KeyStats) -> None:
 
 
 def _load(directory: Path, layer: int) -> KeyStats | None:
+    """The cached C of ``layer``, unpacked one row block at a time (cache files written before
+    the packed layout hold the full ``mom2`` and are read as they are)."""
     from safetensors import safe_open
 
     path = directory / f"layer{layer}.safetensors"
@@ -485,6 +519,17 @@ def _load(directory: Path, layer: int) -> KeyStats | None:
         return None
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
-        mom2 = f.get_tensor("mom2")
+        if "mom2" in f.keys():
+            mom2 = f.get_tensor("mom2")
+        else:
+            d, block = int(meta["d_ff"]), int(meta["block"])
+            packed = f.get_slice("mom2_upper")
+            spans = block_spans(d, block)
+
+            def read(index: int) -> torch.Tensor:
+                offset, size = spans[index]
+                return packed[offset:offset + size].view(-1, d - index * block)
+
+            mom2 = symmetric_from_blocks(d, block, read)
     return KeyStats(layer, mom2, int(meta["count"]), meta["corpus"], int(meta["n_samples"]),
                     meta["fingerprint"])

@@ -39,7 +39,7 @@ from memlens.edit.outcome import measure, record_outcome
 from memlens.edit.requests import EditRequest, InvalidRequest, coerce_request, validate_request
 from memlens.errors import EmptyInput, MemlensError, NumericalError
 from memlens.ledger import EditHandle, edit_weight_name
-from memlens.stats import KeyStats, layer_stats
+from memlens.stats import KeyStats, layer_stats, stats_meta
 
 #: Which keys MEMIT writes each fact's residual through (``MEMITHyperParams.keys``).
 MEMIT_KEYS = ("mean", "both")
@@ -258,7 +258,7 @@ def write_planned(handle: Any, plan: _Plan, *, method: str, solve: Solve | None,
         "n_templates": len(plan.templates),
         "z": _merge_z(z_logs),
         "layer_updates": layer_logs,
-        "stats": {str(k): s.meta() for k, s in plan.stats.items()} if plan.stats else None,
+        "stats": stats_meta(plan.stats) if plan.stats else None,
         "seconds": round(time.perf_counter() - started, 3),
     }
     edit.seal()
