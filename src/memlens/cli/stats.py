@@ -28,8 +28,8 @@ def stats(
     max_len: Annotated[int, typer.Option("--max-len", help="Tokens per sample (≤ context).")]
     = 256,
     pass_gib: Annotated[float, typer.Option(
-        "--pass-gib", min=0.001, help="GiB of float64 sums one corpus pass may hold: layers "
-        "beyond it take more passes.")] = 1.0,
+        "--pass-gib", min=0.001, help="GiB of float64 sums one corpus pass may hold (each "
+        "layer's about d_ff²·4 bytes): layers beyond it take more passes.")] = 0.5,
     as_json: JsonOpt = False,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
@@ -37,13 +37,13 @@ def stats(
     """Second moments C = E(k kᵀ) of the MLP keys of many layers, cached; as few corpus passes
     as --pass-gib allows (one for every layer of a small model)."""
     from memlens.model import load_model
-    from memlens.stats import layer_stats, parse_layers
+    from memlens.stats import layer_stats, parse_layers, stats_meta
 
     handle = load_model(model, device=device, dtype=dtype)
     result = layer_stats(handle, parse_layers(layers), corpus=corpus, n_samples=samples,
                          batch_tokens=batch_tokens, max_len=max_len, progress=not as_json,
                          max_pass_bytes=int(pass_gib * 2**30))
-    rows = [s.meta() for s in result.values()]
+    rows = list(stats_meta(result).values())
     if as_json:
         print_json(rows)
         return
