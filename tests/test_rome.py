@@ -315,3 +315,60 @@ def test_target_equal_to_the_current_answer_is_refused_on_tiny(tiny_handle, tiny
         apply_rome(tiny_handle, {"prompt": fact["prompt"], "subject": fact["subject"],
                                  "target_new": fact["attribute"]}, layer=1, progress=False)
     assert_same_state(tiny_handle, before)
+
+
+def spd(d: int, seed: int = 0) -> torch.Tensor:
+    x = torch.randn(3 * d, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return x.T @ x / (3 * d)
+
+
+def test_left_vector_factors_in_c_own_buffer_only_when_allowed():
+    from memlens.edit.rome import left_vector
+
+    C, k = spd(12), torch.randn(12, 2, dtype=torch.float64)
+    kept = C.clone()
+    u = left_vector(C, k, layer=0)
+    assert torch.equal(C, kept)  # the caller's C is untouched
+    torch.testing.assert_close(u[:, 1], left_vector(C, k[:, 1], layer=0), rtol=1e-12,
+                               atol=1e-12)  # one key = a column (up to the BLAS' rounding)
+    torch.testing.assert_close(kept @ u, k, rtol=1e-9, atol=1e-9)
+    mine = C.clone()
+    assert torch.equal(left_vector(mine, k, layer=0, overwrite_c=True), u)
+    assert torch.equal(mine.tril(), torch.linalg.cholesky(kept))  # the buffer holds L now
+    dead = spd(12)  # units 3 and 7 never fire: zero rows and columns
+    dead[[3, 7]] = 0
+    dead[:, [3, 7]] = 0
+    before = dead.clone()
+    u_dead = left_vector(dead, k, layer=0, overwrite_c=True)  # solved on a copy of the live
+    assert torch.equal(dead, before) and (u_dead[[3, 7]] == 0).all()
+    with pytest.raises(NumericalError, match="not positive definite"):
+        left_vector(torch.zeros(4, 4, dtype=torch.float64), torch.ones(4), layer=0)
+
+
+def test_rome_overwrites_only_statistics_it_owns(random_handle, corpus, monkeypatch):
+    import memlens.edit.rome as rome_module
+    from memlens.stats import StatsFiles
+
+    flags: list[bool] = []
+    solve = rome_module.left_vector
+
+    def spy(C, k, layer, *, overwrite_c=False):
+        flags.append(overwrite_c)
+        return solve(C, k, layer, overwrite_c=overwrite_c)
+
+    monkeypatch.setattr(rome_module, "left_vector", spy)
+    held = layer_stats(random_handle, [1], corpus=corpus, progress=False)
+    kept = held[1].mom2.clone()
+    edit = apply_rome(random_handle, REQUEST, layer=1, hparams=RANDOM_HP, stats=held)
+    delta = edit.delta_norms[1]
+    edit.undo()
+    assert torch.equal(held[1].mom2, kept) and flags == [False]  # the caller's C
+    files = layer_stats(random_handle, [1], corpus=corpus, progress=False, max_pass_bytes=1)
+    assert isinstance(files, StatsFiles)
+    edit = apply_rome(random_handle, REQUEST, layer=1, hparams=RANDOM_HP, stats=files)
+    assert edit.delta_norms[1] == delta and flags == [False, True]  # read for this edit alone
+    edit.undo()
+    edit = apply_rome(random_handle, REQUEST, layer=1, hparams=RANDOM_HP, corpus=corpus)
+    assert edit.delta_norms[1] == delta and flags == [False, True, True]  # computed here
+    assert edit.log["stats"]["trace"] == pytest.approx(float(kept.trace()), rel=1e-12)
+    edit.undo()
