@@ -449,3 +449,71 @@ def test_layer_delta_refuses_a_system_that_is_not_positive_definite():
     K = torch.randn(8, 2, dtype=torch.float64)  # two keys cannot span d_ff = 8 without C
     with pytest.raises(NumericalError, match="not positive definite"):
         memit_layer_delta(K, torch.randn(3, 2), torch.zeros(8, 8, dtype=torch.float64), 1.0, 0)
+
+
+def test_published_statistics_directory_serves_memit_and_the_cli(random_model_dirs, corpus,
+                                                                 tmp_path, monkeypatch):
+    """--stats-dir: the reference code's npz files are read, one layer at a time, when MEMIT
+    needs them; the edit equals MEMIT given the same C's; layers without a file come from the
+    corpus; a directory with none is refused."""
+    import dataclasses
+
+    import memlens.stats_io as stats_io
+    from memlens.cli import app
+    from memlens.model import load_model
+    from memlens.stats import KeyStats, layer_stats
+    from memlens.stats_io import ReferenceStatsDir, export_reference_stats, reference_stats_name
+
+    model = str(random_model_dirs["gpt2"])
+    handle = load_model(model, device="cpu")
+    computed = layer_stats(handle, [1, 2], corpus=corpus, progress=False)
+    published = tmp_path / "wikipedia_stats"
+    for n, layer in ((40, 1), (40, 2), (10, 2)):  # two files of layer 2: the larger n is read
+        stats = computed[layer] if n == 40 else KeyStats(2, torch.eye(handle.d_ff,
+                                                                      dtype=torch.float64), 5)
+        export_reference_stats(stats, published / reference_stats_name(handle, layer, n=n),
+                               precision="float64")
+    reads: list[int] = []
+    imported = stats_io.import_reference_stats
+
+    def counting(path, layer, **kwargs):
+        reads.append(layer)
+        return imported(path, layer, **kwargs)
+
+    monkeypatch.setattr(stats_io, "import_reference_stats", counting)
+    found = ReferenceStatsDir(published, handle)
+    assert list(found) == [1, 2] and 2 in found and 0 not in found and reads == []
+    assert found[2].disposable and torch.allclose(found[2].mom2, computed[2].mom2, rtol=1e-12)
+    reads.clear()
+    hp = dataclasses.replace(RANDOM_HP, layers=(1, 2))
+    given = {layer: found[layer] for layer in (1, 2)}  # the same C's, held
+    edit = apply_memit(handle, REQUESTS, hparams=hp, stats=given)
+    expected = {layer: handle.arch.get_edit_weight(handle.model, layer).clone() for layer in (1, 2)}
+    edit.undo()
+    reads.clear()
+    edit = apply_memit(handle, REQUESTS, hparams=hp, stats=found)
+    for layer in (1, 2):
+        assert torch.equal(handle.arch.get_edit_weight(handle.model, layer), expected[layer])
+    assert edit.log["stats"]["2"]["count"] == computed[2].count
+    assert edit.log["stats"]["2"]["corpus"].startswith("reference:")
+    edit.undo()
+
+    requests = tmp_path / "req.json"
+    requests.write_text(json.dumps([r.to_dict() for r in REQUESTS]))
+    hp_file = tmp_path / "hp.json"
+    hp_file.write_text(json.dumps({k: v for k, v in RANDOM_HP.to_dict().items() if k != "layers"}))
+    runner = CliRunner()
+    out = runner.invoke(app, ["edit", "memit", "--model", model, "--requests", str(requests),
+                              "--layers", "0-1", "--hparams", str(hp_file), "--corpus",
+                              str(corpus), "--stats-dir", str(published), "--json"])
+    assert out.exit_code == 0, out.output
+    log = json.loads(out.stdout)["stats"]
+    assert log["1"]["corpus"].startswith("reference:") and not log["0"]["corpus"].startswith(
+        "reference:")  # layer 0 has no file: computed from --corpus
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps(REQUESTS[0].to_dict()))
+    out = runner.invoke(app, ["edit", "rome", "--model", model, "--request", str(one),
+                              "--stats-dir", str(empty)])
+    assert out.exit_code != 0 and "no reference statistics" in str(out.exception)

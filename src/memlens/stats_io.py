@@ -4,6 +4,8 @@ reused instead of recomputed (and memlens' can be handed to the reference code).
     stats = import_reference_stats("wikipedia_stats/transformer.h.17.mlp.c_proj_float32_mom2_100000.npz",
                                    layer=17, handle=handle)       # a memlens KeyStats
     export_reference_stats(stats, out_dir / reference_stats_name(handle, 17, n=100000))
+    stats = ReferenceStatsDir("data/stats/gpt2-xl/wikipedia_stats", handle)   # every layer found
+    apply_memit(handle, requests, stats=stats)     # CLI: memlens edit memit --stats-dir DIR
 
 The reference saves a combined statistic with one member ``mom2`` (a running second moment)
 through ``numpy.savez``: the keys ``mom2.constructor`` (the class, as text), ``mom2.count``
@@ -15,8 +17,11 @@ are read with ``allow_pickle=False``.
 
 from __future__ import annotations
 
+import glob
 import os
+import re
 import tempfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -83,3 +88,46 @@ def export_reference_stats(stats: KeyStats, path: str | Path, *,
     finally:
         Path(tmp).unlink(missing_ok=True)
     return path
+
+
+class ReferenceStatsDir(Mapping[int, KeyStats]):
+    """The reference code's statistics files of ``handle``'s layers in ``directory`` (named
+    as :func:`reference_stats_name` names them), each read when it is looked up: a fresh,
+    checked, ``disposable`` :class:`KeyStats`, so an edit holds one C at a time and may solve
+    in its buffer. Where several files hold one layer (other sample counts or precisions), the
+    one of the most samples is used. Layers without a file are not in the mapping; the editors
+    compute those from their corpus as usual."""
+
+    def __init__(self, directory: str | Path, handle: Any):
+        self.directory, self.handle = Path(directory), handle
+        if not self.directory.is_dir():
+            raise MemlensError(f"statistics directory {self.directory} does not exist")
+        self.files: dict[int, Path] = {}
+        for layer in range(handle.n_layers):
+            module = handle.arch.module_name(layer, "mlp_out")
+            found = [(int(match.group(1)), path) for path in
+                     self.directory.glob(f"{glob.escape(module)}_*_mom2_*.npz")
+                     if (match := re.search(r"_mom2_(\d+)\.npz$", path.name))]
+            if found:
+                self.files[layer] = max(found)[1]
+        if not self.files:
+            raise MemlensError(f"{self.directory} holds no reference statistics of "
+                               f"{handle.ref!r}: expected files named like "
+                               f"{reference_stats_name(handle, 0, n=100000)}")
+
+    def __getitem__(self, layer: int) -> KeyStats:
+        if layer not in self.files:
+            raise KeyError(layer)
+        stats = import_reference_stats(self.files[layer], layer, handle=self.handle)
+        stats.disposable = True
+        return stats
+
+    def __contains__(self, layer: object) -> bool:  # Mapping's would read C
+        return layer in self.files
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(sorted(self.files))
+
+    def __len__(self) -> int:
+        return len(self.files)
+

@@ -19,6 +19,7 @@ from memlens.cli.options import (
     LayerOpt,
     ModelOpt,
     SkipInvalidOpt,
+    StatsDirOpt,
     console,
     print_json,
 )
@@ -69,6 +70,15 @@ def _finish_edit(edit, result: dict, save: Path | None, allow_no_effect: bool,
                          "--allow-no-effect to keep it anyway)")
 
 
+def _published_stats(directory: Path | None, handle):
+    """--stats-dir: the reference-layout statistics found there (read when needed), or None."""
+    if directory is None:
+        return None
+    from memlens.stats_io import ReferenceStatsDir
+
+    return ReferenceStatsDir(directory, handle)
+
+
 def _print_fact_check(handle, request, title: str, show: bool = True) -> dict:
     """P(target_new), P(target_true) (``missing(reason)`` without a target_true) and the
     greedy answer for one request, printed when ``show``."""
@@ -99,6 +109,7 @@ def edit_rome(
         "bare key). Default: the model's hparams.")] = None,
     hparams_file: HParamsOpt = None,
     corpus: CorpusOpt = None,
+    stats_dir: StatsDirOpt = None,
     save: Annotated[Path | None, typer.Option("--save", help="New directory for the edited "
                                               "model.")] = None,
     allow_no_effect: AllowNoEffectOpt = False,
@@ -121,7 +132,7 @@ def edit_rome(
         console.print(f"[bold]ROME[/] {request.describe()}")
     before = _print_fact_check(handle, request, "before", show=not as_json)
     edit = apply_rome(handle, request, layer=layer, hparams=hp, corpus=corpus,
-                      progress=not as_json)
+                      stats=_published_stats(stats_dir, handle), progress=not as_json)
     after = _print_fact_check(handle, request, "after", show=not as_json)
     result = {**edit.to_dict(), "before": before, "after": after}
     _save_if_took(handle, edit, result, save, allow_no_effect)
@@ -189,6 +200,7 @@ def edit_memit(
     skip_invalid: SkipInvalidOpt = False,
     hparams_file: HParamsOpt = None,
     corpus: CorpusOpt = None,
+    stats_dir: StatsDirOpt = None,
     save: SaveOpt = None,
     allow_no_effect: AllowNoEffectOpt = False,
     as_json: JsonOpt = False,
@@ -207,8 +219,8 @@ def edit_memit(
         console.print(f"[bold]MEMIT[/] {len(requests)} request(s), e.g. {requests[0].describe()}")
     before = _batch_check(handle, requests)
     edit = apply_memit(handle, requests, layers=parse_layers(layers) if layers else None,
-                       hparams=hp, corpus=corpus, skip_invalid=skip_invalid,
-                       progress=not as_json)
+                       hparams=hp, corpus=corpus, stats=_published_stats(stats_dir, handle),
+                       skip_invalid=skip_invalid, progress=not as_json)
     z = edit.log["z"]
     _report_batch_edit(handle, edit, requests, before, save, as_json,
                        f"layers {edit.layers} ({edit.log['layer_source']}), z: P(new) "
@@ -235,6 +247,7 @@ def edit_alphaedit(
     skip_invalid: SkipInvalidOpt = False,
     hparams_file: HParamsOpt = None,
     corpus: CorpusOpt = None,
+    stats_dir: StatsDirOpt = None,
     save: SaveOpt = None,
     allow_no_effect: AllowNoEffectOpt = False,
     as_json: JsonOpt = False,
@@ -256,8 +269,8 @@ def edit_alphaedit(
                       f"{requests[0].describe()}")
     before = _batch_check(handle, requests)
     edit = apply_alphaedit(handle, requests, layers=parse_layers(layers) if layers else None,
-                           hparams=hp, corpus=corpus, skip_invalid=skip_invalid,
-                           progress=not as_json)
+                           hparams=hp, corpus=corpus, stats=_published_stats(stats_dir, handle),
+                           skip_invalid=skip_invalid, progress=not as_json)
     z = edit.log["z"]
     null = ", ".join(f"{k}: {v['dim']}/{v['d_ff']}" for k, v in edit.log["nullspace"].items())
     _report_batch_edit(handle, edit, requests, before, save, as_json,

@@ -50,6 +50,10 @@ TraceWindowOpt = Annotated[int | None, typer.Option("--window", help="Layers res
 CorpusOpt = Annotated[str | None, typer.Option(
     "--corpus", help="Text/JSONL file, dataset dir or HF dataset name (default: the model's "
     "corpus.txt).")]
+StatsDirOpt = Annotated[Path | None, typer.Option(
+    "--stats-dir", help="Directory of published key statistics in the ROME/MEMIT reference "
+    "code's layout (<module>_float32_mom2_<n>.npz): used for the layers it holds instead of "
+    "computing them from --corpus.")]
 HParamsOpt = Annotated[Path | None, typer.Option("--hparams", help="JSON/YAML file overriding "
                                                  "hyper-parameters.")]
 LayerOpt = Annotated[int | None, typer.Option("--layer", help="Layer to edit (default: from a "
