@@ -66,6 +66,30 @@ def test_fast_equals_naive_float32(random_handle):
                                    atol=1e-5)
 
 
+def test_prefix_cache_is_kept_once_per_sample_and_never_grows(random_handle, monkeypatch):
+    """The restored passes read the corrupted prefix's KV cache without storing anything:
+    every cache layer keeps one row per noise sample and the prefix's length (a stored cache
+    would hold one row per restoration and the suffix too), and no patched update stays."""
+    import memlens.trace.fast as fast
+
+    caches: list[tuple[int, object]] = []
+    build = fast._corrupted_prefix_cache
+
+    def recording(handle, inp, token):
+        past = build(handle, inp, token)
+        caches.append((token, past))
+        return past
+
+    monkeypatch.setattr(fast, "_corrupted_prefix_cache", recording)
+    trace_fact(random_handle, PROMPT, SUBJECT, kinds=("hidden", "mlp"), samples=2, noise=2.0,
+               window=3)
+    assert len([past for _, past in caches if past is not None]) >= 5
+    for token, past in caches:
+        for layer in [] if past is None else past.layers:
+            assert tuple(layer.keys.shape[:1]) == (2,) and layer.keys.shape[-2] == token
+            assert "update" not in vars(layer)
+
+
 def test_restoring_everything_gives_clean_run(sharp_handle):
     inp = trace_inputs(sharp_handle, PROMPT, SUBJECT, samples=2, noise=1.0)
     T, L = inp.n_tokens, sharp_handle.n_layers
