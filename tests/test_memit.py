@@ -373,14 +373,20 @@ def test_bench_edits_writes_json_plot_and_resumes(gpt2, corpus, tmp_path):
     assert again.to_dict()["points"] == result.to_dict()["points"]
 
 
-def test_cli_edit_memit_ft_l_and_bench_edits(random_model_dirs, corpus, tmp_path):
-    from memlens.cli import app
-
-    model = str(random_model_dirs["gpt2"])
+def cli_inputs(tmp_path):
+    """REQUESTS and RANDOM_HP (without its layers) as the files the CLI reads."""
     requests = tmp_path / "req.json"
     requests.write_text(json.dumps([r.to_dict() for r in REQUESTS]))
     hp = tmp_path / "hp.json"
     hp.write_text(json.dumps({k: v for k, v in RANDOM_HP.to_dict().items() if k != "layers"}))
+    return requests, hp
+
+
+def test_cli_edit_memit_ft_l_and_bench_edits(random_model_dirs, corpus, tmp_path):
+    from memlens.cli import app
+
+    model = str(random_model_dirs["gpt2"])
+    requests, hp = cli_inputs(tmp_path)
     runner = CliRunner()
     out = runner.invoke(app, ["edit", "memit", "--model", model, "--requests", str(requests),
                               "--layers", "1-2", "--hparams", str(hp), "--corpus", str(corpus),
@@ -498,10 +504,7 @@ def test_published_statistics_directory_serves_memit_and_the_cli(random_model_di
     assert edit.log["stats"]["2"]["corpus"].startswith("reference:")
     edit.undo()
 
-    requests = tmp_path / "req.json"
-    requests.write_text(json.dumps([r.to_dict() for r in REQUESTS]))
-    hp_file = tmp_path / "hp.json"
-    hp_file.write_text(json.dumps({k: v for k, v in RANDOM_HP.to_dict().items() if k != "layers"}))
+    requests, hp_file = cli_inputs(tmp_path)
     runner = CliRunner()
     out = runner.invoke(app, ["edit", "memit", "--model", model, "--requests", str(requests),
                               "--layers", "0-1", "--hparams", str(hp_file), "--corpus",
