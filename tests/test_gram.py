@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from memlens.gram import GramSum, block_spans, packed_numel, symmetric_from_blocks
+from memlens.gram import GramSum, packed_numel, symmetric_from_blocks
 
 
 def keys(n: int, d: int, seed: int = 0) -> torch.Tensor:
@@ -17,7 +17,7 @@ def keys(n: int, d: int, seed: int = 0) -> torch.Tensor:
 def test_packed_sum_equals_the_full_gram_and_is_exactly_symmetric(d, block):
     gram = GramSum(d, block=block)
     assert gram.flat.numel() == packed_numel(d, block) \
-        == sum(size for _, size in block_spans(d, block))
+        == sum(rows.numel() for rows in gram.blocks)
     batches = [keys(7, d, seed) for seed in range(3)]
     for batch in batches:
         gram.add(batch)
@@ -47,7 +47,7 @@ def test_a_flat_buffer_of_the_wrong_size_is_refused():
     with pytest.raises(ValueError, match="float64 values"):
         GramSum(10, block=4, flat=torch.zeros(100, dtype=torch.float64))
     with pytest.raises(ValueError, match="row block 0"):
-        symmetric_from_blocks(10, 4, lambda index: torch.zeros(3, 3))
+        symmetric_from_blocks(10, 4, lambda offset, size: torch.zeros(9))
 
 
 def test_cache_files_are_packed_and_old_full_files_still_load(tmp_path):

@@ -21,18 +21,20 @@ import torch
 BLOCK = 256  # rows per block
 
 
-def packed_numel(d: int, block: int = BLOCK) -> int:
-    """Values of the upper block triangle of a d × d matrix with ``block`` rows per block."""
-    return sum(min(block, d - start) * (d - start) for start in range(0, d, block))
-
-
-def _spans(d: int, block: int) -> Iterator[tuple[int, int, int]]:
-    """(first row, last row + 1, offset in the flat buffer) of each row block."""
+def _spans(d: int, block: int) -> Iterator[tuple[int, int, int, int]]:
+    """(first row, last row + 1, offset in the flat buffer, number of values) of each row
+    block."""
     offset = 0
     for start in range(0, d, block):
         stop = min(start + block, d)
-        yield start, stop, offset
-        offset += (stop - start) * (d - start)
+        size = (stop - start) * (d - start)
+        yield start, stop, offset, size
+        offset += size
+
+
+def packed_numel(d: int, block: int = BLOCK) -> int:
+    """Values of the upper block triangle of a d × d matrix with ``block`` rows per block."""
+    return sum(size for *_, size in _spans(d, block))
 
 
 class GramSum:
@@ -47,14 +49,13 @@ class GramSum:
                              f"{packed_numel(d, block)} float64 values, got {tuple(flat.shape)} "
                              f"{flat.dtype}")
         self.d, self.block, self.flat = d, block, flat
-        self.blocks = [flat[offset:offset + (stop - start) * (d - start)].view(stop - start,
-                                                                                d - start)
-                       for start, stop, offset in _spans(d, block)]
+        self.blocks = [flat[offset:offset + size].view(stop - start, d - start)
+                       for start, stop, offset, size in _spans(d, block)]
 
     def add(self, keys: torch.Tensor) -> None:
         """Σ k kᵀ += ``keys``ᵀ ``keys`` for ``keys`` (n, d): float32 block products, float64 sum."""
         keys = keys.float()
-        for (start, stop, _), rows in zip(_spans(self.d, self.block), self.blocks, strict=True):
+        for (start, stop, *_), rows in zip(_spans(self.d, self.block), self.blocks, strict=True):
             rows += keys[:, start:stop].T @ keys[:, start:]
 
     def trace(self) -> float:
@@ -67,29 +68,26 @@ class GramSum:
 
     def full(self) -> torch.Tensor:
         """The symmetric (d, d) float64 matrix."""
-        return symmetric_from_blocks(self.d, self.block, lambda index: self.blocks[index],
+        return symmetric_from_blocks(self.d, self.block,
+                                     lambda offset, size: self.flat[offset:offset + size],
                                      device=self.flat.device)
 
 
-def symmetric_from_blocks(d: int, block: int, read: Callable[[int], torch.Tensor], *,
+def symmetric_from_blocks(d: int, block: int, read: Callable[[int, int], torch.Tensor], *,
                           device: torch.device | str | None = None) -> torch.Tensor:
-    """The (d, d) float64 matrix whose upper block triangle is ``read(i)`` for row block i (one
-    block at a time: a cache file is read block by block into the result). The lower triangle
-    is the transpose of the upper, the diagonal blocks included, so the result is symmetric bit
-    for bit."""
+    """The (d, d) float64 matrix whose upper block triangle is packed as in a GramSum's flat
+    buffer, ``read(offset, size)`` returning those values of it (one row block at a time: a
+    cache file is read block by block into the result). The lower triangle is the transpose of
+    the upper, the diagonal blocks included, so the result is symmetric bit for bit."""
     out = torch.empty(d, d, dtype=torch.float64, device=device)
-    for index, (start, stop, _) in enumerate(_spans(d, block)):
-        rows = read(index).to(device=out.device, dtype=torch.float64)
-        if rows.shape != (stop - start, d - start):
-            raise ValueError(f"row block {index} of a packed {d} × {d} matrix must be "
-                             f"{(stop - start, d - start)}, got {tuple(rows.shape)}")
+    for index, (start, stop, offset, size) in enumerate(_spans(d, block)):
+        values = read(offset, size)
+        if values.numel() != size:
+            raise ValueError(f"row block {index} of a packed {d} × {d} matrix holds {size} "
+                             f"values, got {values.numel()}")
+        rows = values.to(device=out.device, dtype=torch.float64).view(stop - start, d - start)
         out[start:stop, start:] = rows
         out[start:, start:stop] = rows.T
         diagonal = rows[:, :stop - start]
         out[start:stop, start:stop] = diagonal.triu() + diagonal.triu(1).T
     return out
-
-
-def block_spans(d: int, block: int = BLOCK) -> list[tuple[int, int]]:
-    """(offset, number of values) of each row block in the flat buffer."""
-    return [(offset, (stop - start) * (d - start)) for start, stop, offset in _spans(d, block)]

@@ -15,7 +15,8 @@ deepest layer. Results are cached atomically, in the same packed form, under
 ``$MEMLENS_HOME/stats/<model fingerprint>/<corpus>-n<samples>-len<max_len>/layer<L>.safetensors``;
 when all requested C's together (d_ff² float64 each) exceed ``max_pass_bytes``, they stay
 there and each is read when it is looked up (:class:`StatsFiles`), so a MEMIT band of a large
-model holds one C at a time. A run checkpoints its partial sums every few batches and resumes after an interrupt.
+model holds one C at a time. A run checkpoints its partial sums every few batches and resumes
+after an interrupt.
 Under ``torchrun`` (torch.distributed initialised) each rank sums every world-size-th batch and
 one all-reduce adds the ranks' sums: the result equals the single-process one.
 A corpus is a text file (one sample per non-empty line), JSON/JSONL (strings or {"text": ...}),
@@ -41,7 +42,7 @@ import torch
 from memlens.cache import cache_dir
 from memlens.errors import EmptyInput, MemlensError, NumericalError
 from memlens.files import read_text
-from memlens.gram import BLOCK, GramSum, block_spans, packed_numel, symmetric_from_blocks
+from memlens.gram import BLOCK, GramSum, packed_numel, symmetric_from_blocks
 from memlens.offload import execution_device
 from memlens.tokens import pad_id, pad_rows
 
@@ -50,6 +51,9 @@ DEFAULT_MAX_LEN = 256  # tokens per sample, further capped by the model's contex
 DEFAULT_BATCH_TOKENS = 2048  # padded tokens per forward pass
 CHECKPOINT_EVERY = 20  # batches between checkpoints of the partial sums
 DEFAULT_PASS_BYTES = 1 << 29  # packed float64 sums one corpus pass holds (GPT-2 XL: 3 layers)
+#: :meth:`KeyStats.meta`'s fields and their types (cache files keep them as text).
+META_FIELDS = {"layer": int, "count": int, "corpus": str, "n_samples": int, "fingerprint": str,
+               "d_ff": int, "trace": float}
 
 
 @dataclass
@@ -300,10 +304,7 @@ class StatsFiles(Mapping[int, KeyStats]):
             raise KeyError(layer)
         with safe_open(str(self.directory / f"layer{layer}.safetensors"), framework="pt") as f:
             header = f.metadata()
-        return {"layer": int(header["layer"]), "count": int(header["count"]),
-                "corpus": header["corpus"], "n_samples": int(header["n_samples"]),
-                "fingerprint": header["fingerprint"], "d_ff": int(header["d_ff"]),
-                "trace": float(header["trace"])}
+        return {key: kind(header[key]) for key, kind in META_FIELDS.items()}
 
 
 def stats_meta(stats: Mapping[int, KeyStats]) -> dict[str, dict[str, Any]]:
@@ -522,14 +523,8 @@ def _load(directory: Path, layer: int) -> KeyStats | None:
         if "mom2" in f.keys():
             mom2 = f.get_tensor("mom2")
         else:
-            d, block = int(meta["d_ff"]), int(meta["block"])
             packed = f.get_slice("mom2_upper")
-            spans = block_spans(d, block)
-
-            def read(index: int) -> torch.Tensor:
-                offset, size = spans[index]
-                return packed[offset:offset + size].view(-1, d - index * block)
-
-            mom2 = symmetric_from_blocks(d, block, read)
+            mom2 = symmetric_from_blocks(int(meta["d_ff"]), int(meta["block"]),
+                                         lambda offset, size: packed[offset:offset + size])
     return KeyStats(layer, mom2, int(meta["count"]), meta["corpus"], int(meta["n_samples"]),
                     meta["fingerprint"])
